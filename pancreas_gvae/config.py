@@ -1,0 +1,197 @@
+"""One resolved configuration per run: dataclasses, YAML files and ``key=value`` overrides.
+
+The config is logged whole to MLflow and stored in every checkpoint, so a run can
+always be rebuilt from what it recorded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pancreas_gvae.errors import PipelineError
+
+MODEL_KINDS = ("gvae", "vae", "gan")
+
+
+@dataclass
+class ModelConfig:
+    kind: str = "gvae"  # gvae | vae | gan
+    spatial_dims: int = 2
+    in_channels: int = 1  # image channels, masks included
+    mask_channels: int = 0  # trailing channels that are label masks (CT: 1)
+    image_size: int = 28
+    channels: list[int] = field(default_factory=lambda: [32, 64])  # one stride-2 level each
+    disc_channels: list[int] | None = None  # defaults to ``channels``
+    latent_dim: int = 32
+    num_res_units: int = 0  # MONAI ResidualUnits after each level
+    encoder_norm: str | None = "batch"
+    generator_norm: str | None = "batch"
+    discriminator_norm: str | None = None  # spectral norm is the default stabiliser for D
+    spectral_norm: bool = True
+
+
+@dataclass
+class LossConfig:
+    beta_kl: float = 1.0  # weight of KL(q(z|x)||N(0,I)), summed over z and divided by pixels
+    kl_warmup_steps: int = 0  # linear ramp of beta from 0
+    feature_recon: float = 1.0  # || D_l(x) - D_l(G(z_e)) ||^2
+    pixel_l1: float = 1.0  # small pixel anchor
+    recon_weight_g: float = 1.0  # weight of the reconstruction terms in G's loss
+    adversarial: str = "nonsaturating"  # nonsaturating | hinge
+    adversarial_weight: float = 0.1
+    r1_gamma: float = 0.0  # R1 penalty on real images
+    mask_dice: float = 1.0  # mask channel: Dice + BCE
+    mask_bce: float = 1.0
+    vae_likelihood: str = "bernoulli"  # bernoulli | gaussian (VAE baseline and ELBO)
+    gaussian_sigma: float = 0.1
+    d_gate_loss: float | None = None  # skip D's update while its loss is below this
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 64
+    lr_g: float = 2e-4
+    lr_d: float = 2e-4
+    betas: list[float] = field(default_factory=lambda: [0.5, 0.999])
+    grad_clip: float = 10.0
+    ema_decay: float = 0.995
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    channels_last: bool = True  # CUDA only
+    compile: bool = False
+    log_every: int = 10
+    sample_every: int = 200
+    checkpoint_every: int = 200
+    num_samples: int = 64
+
+
+@dataclass
+class TrackingConfig:
+    tracking_uri: str = "sqlite:///mlflow.db"
+    experiment: str = "pancreas-gvae"
+    run_name: str | None = None
+    log_model: bool = True
+    register_name: str | None = None
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    data: dict[str, Any] = field(default_factory=dict)  # dataset-specific, owned by the pipeline
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "Config":
+        cfg = cls()
+        _merge(cfg, raw or {}, prefix="")
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        m = self.model
+        if m.kind not in MODEL_KINDS:
+            raise PipelineError(f"model.kind must be one of {', '.join(MODEL_KINDS)}, got {m.kind!r}")
+        if m.spatial_dims not in (2, 3):
+            raise PipelineError(f"model.spatial_dims must be 2 or 3, got {m.spatial_dims}")
+        factor = 2 ** len(m.channels)
+        if m.image_size % factor:
+            raise PipelineError(
+                f"model.image_size {m.image_size} must be divisible by 2**len(model.channels) = {factor}; "
+                "use fewer levels in model.channels or another image size"
+            )
+        if not 0 <= m.mask_channels < m.in_channels:
+            raise PipelineError("model.mask_channels must be smaller than model.in_channels")
+        if self.loss.adversarial not in ("nonsaturating", "hinge"):
+            raise PipelineError(f"loss.adversarial must be nonsaturating or hinge, got {self.loss.adversarial!r}")
+        if self.loss.vae_likelihood not in ("bernoulli", "gaussian"):
+            raise PipelineError(f"loss.vae_likelihood must be bernoulli or gaussian, got {self.loss.vae_likelihood!r}")
+        if self.train.steps < 0 or self.train.batch_size < 1:
+            raise PipelineError("train.steps must be >= 0 and train.batch_size >= 1")
+
+
+def _merge(target: Any, raw: dict[str, Any], prefix: str) -> None:
+    for key, value in raw.items():
+        name = f"{prefix}{key}"
+        if isinstance(target, dict):
+            target[key] = value
+            continue
+        if not hasattr(target, key):
+            raise PipelineError(f"unknown config key {name!r}")
+        current = getattr(target, key)
+        if dataclasses.is_dataclass(current) or (isinstance(current, dict) and isinstance(value, dict)):
+            if not isinstance(value, dict):
+                raise PipelineError(f"config key {name!r} is a section; give it a mapping")
+            _merge(current, value, prefix=f"{name}.")
+        else:
+            setattr(target, key, value)
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["train.steps=100", "model.channels=[16,32]"]`` -> nested dict; values parsed as YAML."""
+    nested: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise PipelineError(f"override {item!r} must look like section.key=value")
+        dotted, text = item.split("=", 1)
+        node = nested
+        *parents, leaf = dotted.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(text)
+    return nested
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                base: dict[str, Any] | None = None) -> Config:
+    """Defaults <- ``base`` <- YAML file <- ``overrides``; validated."""
+    raw: dict[str, Any] = {}
+    for layer in (base or {}, _read_yaml(path) if path else {}, parse_overrides(overrides or [])):
+        raw = deep_update(raw, layer)
+    return Config.from_dict(raw)
+
+
+def deep_update(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for key, value in b.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_update(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise PipelineError(f"config file {path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise PipelineError(f"config file {path} must hold a mapping at the top level")
+    return data
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> ``{"model.latent_dim": 32, ...}`` for MLflow params."""
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out

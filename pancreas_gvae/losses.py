@@ -1,0 +1,66 @@
+"""Loss terms of GVAE.md, each a small function so the training steps read like the spec.
+
+Scaling: reconstruction terms are means over elements; the KL is summed over latent
+dimensions and divided by the number of image elements, so ``beta_kl = 1`` weighs it
+as in a per-pixel-normalised ELBO, independent of image size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from monai.losses import DiceLoss
+
+_dice = DiceLoss(sigmoid=False, reduction="mean")
+
+
+def kl_per_sample(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, exp(logvar)) || N(0, I)) summed over latent dimensions, one value per sample (nats)."""
+    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=1)
+
+
+def kl_loss(mu: torch.Tensor, logvar: torch.Tensor, elements_per_sample: int) -> torch.Tensor:
+    return kl_per_sample(mu, logvar).mean() / elements_per_sample
+
+
+def d_adversarial(real_logit: torch.Tensor, fake_logits: list[torch.Tensor], kind: str) -> torch.Tensor:
+    """D's loss: real against the mean over fake sets (reconstructions and prior samples)."""
+    if kind == "hinge":
+        real = F.relu(1.0 - real_logit).mean()
+        fake = torch.stack([F.relu(1.0 + f).mean() for f in fake_logits]).mean()
+    else:  # non-saturating logistic
+        real = F.softplus(-real_logit).mean()
+        fake = torch.stack([F.softplus(f).mean() for f in fake_logits]).mean()
+    return real + fake
+
+
+def g_adversarial(fake_logits: list[torch.Tensor], kind: str) -> torch.Tensor:
+    if kind == "hinge":
+        return torch.stack([-f.mean() for f in fake_logits]).mean()
+    return torch.stack([F.softplus(-f).mean() for f in fake_logits]).mean()
+
+
+def r1_penalty(real_logit: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """R1 (Mescheder et al. 2018): squared gradient norm of D at real images."""
+    (grad,) = torch.autograd.grad(real_logit.sum(), real, create_graph=True)
+    return grad.pow(2).flatten(1).sum(1).mean()
+
+
+def mask_loss(pred: torch.Tensor, target: torch.Tensor, *, dice_weight: float, bce_weight: float) -> torch.Tensor:
+    """Dice + BCE on the mask channel(s); ``pred`` is a sigmoid map in [0, 1]."""
+    pred = pred.float()
+    target = target.float()
+    bce = F.binary_cross_entropy(pred.clamp(1e-6, 1 - 1e-6), target)
+    return dice_weight * _dice(pred, target) + bce_weight * bce
+
+
+def bernoulli_nll(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """-log p(x|z) for a Bernoulli decoder on [0, 1] pixels (cross-entropy), summed per sample (nats)."""
+    return F.binary_cross_entropy_with_logits(logits.float(), x.float(), reduction="none").flatten(1).sum(1)
+
+
+def gaussian_nll(mean: torch.Tensor, x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """-log N(x; mean, sigma^2 I) summed per sample (nats)."""
+    var = sigma**2
+    se = (x.float() - mean.float()).pow(2).flatten(1)
+    return 0.5 * (se / var + torch.log(torch.tensor(2 * torch.pi * var))).sum(1)

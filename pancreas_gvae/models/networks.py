@@ -1,0 +1,112 @@
+"""The three networks of the GVAE, dimension-generic (``spatial_dims`` 2 or 3).
+
+Each resolution level is one MONAI ``Convolution`` (kernel 3, stride 2), optionally
+followed by MONAI ``ResidualUnit``s, so the same code builds 28x28 MNIST models,
+2D CT-slice models and 3D patch models.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from monai.networks.blocks import Convolution, ResidualUnit
+from torch import nn
+
+LEAKY = ("leakyrelu", {"negative_slope": 0.2, "inplace": False})
+
+
+def _level(spatial_dims: int, cin: int, cout: int, *, norm, act, res_units: int,
+           transposed: bool = False, first_norm: bool = True) -> nn.Sequential:
+    layers: list[nn.Module] = [
+        Convolution(spatial_dims, cin, cout, strides=2, kernel_size=3, is_transposed=transposed,
+                    act=act, norm=norm if first_norm else None, adn_ordering="NDA")
+    ]
+    layers += [ResidualUnit(spatial_dims, cout, cout, subunits=2, act=act, norm=norm) for _ in range(res_units)]
+    return nn.Sequential(*layers)
+
+
+class Encoder(nn.Module):
+    """``E(x) -> (mu, logvar)``: strided convolutions, then a linear head."""
+
+    def __init__(self, *, spatial_dims: int, in_channels: int, image_size: int, channels: Sequence[int],
+                 latent_dim: int, num_res_units: int = 0, norm: str | None = "batch"):
+        super().__init__()
+        widths = [in_channels, *channels]
+        self.features = nn.Sequential(*[
+            _level(spatial_dims, a, b, norm=norm, act=LEAKY, res_units=num_res_units, first_norm=i > 0)
+            for i, (a, b) in enumerate(zip(widths[:-1], widths[1:]))
+        ])
+        bottom = image_size // 2 ** len(channels)
+        self.head = nn.Linear(channels[-1] * bottom**spatial_dims, 2 * latent_dim)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mu, logvar = self.head(self.features(x).flatten(1)).chunk(2, dim=1)
+        # Bounded log-variance keeps exp() finite early in training and under bf16.
+        return mu, logvar.clamp(-12.0, 8.0)
+
+
+class Generator(nn.Module):
+    """``G(z) -> logits``; images are ``sigmoid(logits)`` in [0, 1], every channel (CT and mask)."""
+
+    def __init__(self, *, spatial_dims: int, out_channels: int, image_size: int, channels: Sequence[int],
+                 latent_dim: int, num_res_units: int = 0, norm: str | None = "batch"):
+        super().__init__()
+        self.spatial_dims = spatial_dims
+        self.latent_dim = latent_dim
+        self.bottom = image_size // 2 ** len(channels)
+        widths = list(reversed(channels))
+        self.project = nn.Linear(latent_dim, widths[0] * self.bottom**spatial_dims)
+        self.up = nn.Sequential(*[
+            _level(spatial_dims, a, b, norm=norm, act="relu", res_units=num_res_units, transposed=True)
+            for a, b in zip(widths, [*widths[1:], widths[-1]])
+        ])
+        self.out = Convolution(spatial_dims, widths[-1], out_channels, kernel_size=3, conv_only=True)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.project(z).view(z.shape[0], -1, *([self.bottom] * self.spatial_dims))
+        return self.out(self.up(torch.relu(h)))
+
+
+class Discriminator(nn.Module):
+    """``D(x) -> (features_l, logit)``; ``features_l`` (the last conv level) gives the feature-space reconstruction loss."""
+
+    def __init__(self, *, spatial_dims: int, in_channels: int, image_size: int, channels: Sequence[int],
+                 num_res_units: int = 0, norm: str | None = None, spectral_norm: bool = True):
+        super().__init__()
+        widths = [in_channels, *channels]
+        self.features = nn.Sequential(*[
+            _level(spatial_dims, a, b, norm=norm, act=LEAKY, res_units=num_res_units, first_norm=i > 0)
+            for i, (a, b) in enumerate(zip(widths[:-1], widths[1:]))
+        ])
+        bottom = image_size // 2 ** len(channels)
+        self.head = nn.Linear(channels[-1] * bottom**spatial_dims, 1)
+        if spectral_norm:
+            for module in list(self.modules()):
+                if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+                    nn.utils.parametrizations.spectral_norm(module)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feats = self.features(x)
+        return feats, self.head(feats.flatten(1)).squeeze(1)
+
+
+def count_parameters(module: nn.Module | None) -> int:
+    return 0 if module is None else sum(p.numel() for p in module.parameters())
+
+
+def init_weights(module: nn.Module) -> None:
+    """DCGAN-style N(0, 0.02) for convolutions: a stable start for adversarial training."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+            weight = getattr(m, "parametrizations", None)
+            target = m.parametrizations.weight.original if weight is not None else m.weight
+            nn.init.normal_(target, 0.0, 0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            weight = getattr(m, "parametrizations", None)
+            target = m.parametrizations.weight.original if weight is not None else m.weight
+            nn.init.normal_(target, 0.0, 0.02 * math.sqrt(2.0))
+            nn.init.zeros_(m.bias)

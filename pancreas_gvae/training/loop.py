@@ -1,0 +1,85 @@
+"""The training loop: steps, metrics, sample grids and checkpoints at fixed intervals."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from tqdm.auto import tqdm
+
+from pancreas_gvae.training import distributed
+from pancreas_gvae.training.checkpoint import save_checkpoint
+from pancreas_gvae.training.trainer import Trainer
+from pancreas_gvae.viz import image_grid, interleave
+
+
+class BatchSource(Protocol):
+    def batch(self, step: int) -> torch.Tensor: ...
+
+
+class Preview:
+    """Fixed prior noise and a fixed real batch, so grids are comparable from step to step."""
+
+    def __init__(self, trainer: Trainer, real: torch.Tensor, *, num_samples: int, seed: int):
+        g = torch.Generator().manual_seed(seed + 7919)
+        self.z = torch.randn(num_samples, trainer.model.latent_dim, generator=g)
+        self.real = real[: min(num_samples // 2, real.shape[0])]
+        self.trainer = trainer
+        self.mask_channels = trainer.cfg.model.mask_channels
+
+    @torch.no_grad()
+    def samples(self) -> torch.Tensor:
+        G = self.trainer.ema_generator.eval()
+        return torch.sigmoid(G(self.z.to(self.trainer.device))).float()
+
+    @torch.no_grad()
+    def reconstructions(self) -> torch.Tensor | None:
+        model = self.trainer.model
+        if model.encoder is None:
+            return None
+        model.eval()
+        real = self.real.to(self.trainer.device)
+        mu, _ = model.encoder(real)
+        rec = torch.sigmoid(self.trainer.ema_generator.eval()(mu)).float()
+        return interleave(real.float(), rec)
+
+    def grids(self) -> dict[str, "object"]:
+        out = {"samples": image_grid(self.samples(), mask_channels=self.mask_channels)}
+        rec = self.reconstructions()
+        if rec is not None:
+            out["reconstructions"] = image_grid(rec, mask_channels=self.mask_channels)
+        return out
+
+
+def fit(trainer: Trainer, batches: BatchSource, *, steps: int, checkpoint_path: Path, tracker, preview: Preview,
+        extra_state: dict | None = None, progress: bool = True) -> dict[str, float]:
+    """Train up to ``steps`` total steps (continuing from ``trainer.step``); return the last logged values."""
+    tc = trainer.cfg.train
+    main = distributed.is_main_process()
+    bar = tqdm(total=steps, initial=trainer.step, disable=not (progress and main), dynamic_ncols=True,
+               desc=f"{trainer.cfg.model.kind}")
+    logs: dict[str, float] = {}
+    window_images, window_start = 0, time.perf_counter()
+    while trainer.step < steps:
+        x = batches.batch(trainer.step)
+        logs = trainer.train_step(x)
+        window_images += x.shape[0] * distributed.world_size()
+        step = trainer.step
+        last = step == steps
+        if step % tc.log_every == 0 or last:
+            elapsed = time.perf_counter() - window_start
+            logs["perf/images_per_s"] = window_images / max(elapsed, 1e-9)
+            window_images, window_start = 0, time.perf_counter()
+            tracker.log_metrics(logs, step=step)
+            bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in logs.items()
+                             if k.startswith(("loss/", "perf/"))}, refresh=False)
+        if main and (step % tc.sample_every == 0 or last):
+            for key, grid in preview.grids().items():
+                tracker.log_image(key, grid, step=step)
+        if main and (step % tc.checkpoint_every == 0 or last):
+            save_checkpoint({**trainer.state_dict(), **(extra_state or {})}, checkpoint_path)
+        bar.update(1)
+    bar.close()
+    return logs

@@ -1,0 +1,93 @@
+"""A whole training run: model, trainer, resume, MLflow, loop, final artifacts.
+
+Shared by the MNIST smoke job and the CT job; they differ only in their data and
+in the extra artifacts they log (``on_finish``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from pancreas_gvae.config import Config
+from pancreas_gvae.errors import PipelineError, TrainingDiverged
+from pancreas_gvae.models import build_model
+from pancreas_gvae.tracking import MlflowTracker, NullTracker
+from pancreas_gvae.training import distributed
+from pancreas_gvae.training.checkpoint import load_checkpoint
+from pancreas_gvae.training.loop import BatchSource, Preview, fit
+from pancreas_gvae.training.trainer import Trainer, resolve_device, seed_everything
+from pancreas_gvae.viz import save_png
+
+
+@dataclass
+class RunResult:
+    trainer: Trainer
+    run_id: str | None
+    tracking_uri: str | None
+    checkpoint: Path
+    last_logs: dict[str, float]
+    seconds: float
+
+
+def checkpoint_path(out_dir: Path) -> Path:
+    return Path(out_dir) / "checkpoints" / "last.pt"
+
+
+def train_run(cfg: Config, batches: BatchSource, preview_images: torch.Tensor, *, out_dir: str | Path,
+              run_name: str, resume: bool = False, tags: dict[str, str] | None = None,
+              on_finish: Callable[[Trainer, object, Path], None] | None = None,
+              progress: bool = True) -> RunResult:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.train.seed)
+    device = resolve_device(cfg.train.device)
+    trainer = Trainer(cfg, build_model(cfg.model), device)
+    ckpt = checkpoint_path(out_dir)
+
+    run_id = None
+    if resume:
+        if not ckpt.is_file():
+            raise PipelineError(f"--resume given but no checkpoint at {ckpt}; run without --resume to start fresh")
+        state = load_checkpoint(ckpt, map_location=device)
+        if state["config"]["model"] != cfg.to_dict()["model"]:
+            raise PipelineError(f"checkpoint {ckpt} was trained with another model config; "
+                                "resume with the same --config/overrides or use a new --out")
+        trainer.load_state_dict(state)
+        run_id = state.get("mlflow_run_id")
+        print(f"resuming from {ckpt} at step {trainer.step}")
+
+    main = distributed.is_main_process()
+    tc = cfg.tracking
+    tracker = (MlflowTracker(tracking_uri=tc.tracking_uri, experiment=tc.experiment, run_name=run_name,
+                             fallback_dir=out_dir, resume_run_id=run_id, tags=tags,
+                             system_metrics=getattr(tc, "system_metrics", False))
+               if main else NullTracker())
+    if main:
+        tracker.log_config(cfg.to_dict())
+    preview = Preview(trainer, preview_images, num_samples=cfg.train.num_samples, seed=cfg.train.seed)
+    start = time.perf_counter()
+    try:
+        logs = fit(trainer, batches, steps=cfg.train.steps, checkpoint_path=ckpt, tracker=tracker, preview=preview,
+                   extra_state={"mlflow_run_id": tracker.run_id}, progress=progress)
+        if main:
+            for key, grid in preview.grids().items():
+                tracker.log_artifact(save_png(grid, out_dir / f"{key}.png"), artifact_path="final")
+            if on_finish is not None:
+                on_finish(trainer, tracker, out_dir)
+            if tc.log_model:
+                tracker.log_generator(trainer.ema_generator.eval().cpu(), latent_dim=cfg.model.latent_dim,
+                                      register_name=tc.register_name)
+                trainer.ema_generator.to(device)
+    except TrainingDiverged:
+        tracker.end("FAILED")
+        raise
+    except BaseException:
+        tracker.end("KILLED")
+        raise
+    tracker.end("FINISHED")
+    return RunResult(trainer, tracker.run_id, tracker.tracking_uri, ckpt, logs, time.perf_counter() - start)
