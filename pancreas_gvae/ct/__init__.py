@@ -1,0 +1,1 @@
+"""CT data: phantom cohort, TCIA download, DICOM/NIfTI reading and pairing."""
