@@ -79,6 +79,7 @@ class TrackingConfig:
     run_name: str | None = None
     log_model: bool = True
     register_name: str | None = None
+    system_metrics: bool = True  # CPU/GPU/memory in MLflow's system metrics tab (needs psutil)
 
 
 @dataclass

@@ -102,6 +102,12 @@ class MlflowTracker:
                                  serialization_format="pickle", input_example=example,
                                  pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "monai"])
 
+    def log_dataset(self, frame, *, name: str, context: str) -> None:
+        """A table (the de-identified manifest) as an MLflow dataset input of the run."""
+        import mlflow.data
+
+        mlflow.log_input(mlflow.data.from_pandas(frame, name=name), context=context)
+
     def set_tags(self, tags: dict[str, str]) -> None:
         mlflow.set_tags(tags)
 

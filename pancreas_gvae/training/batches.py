@@ -42,3 +42,42 @@ class TensorBatches:
         epoch, i = divmod(step, self.steps_per_epoch)
         idx = self._permutation(epoch)[i * self.batch_size: (i + 1) * self.batch_size]
         return self.data[idx]
+
+
+class DatasetBatches:
+    """Batches from a map-style dataset with ``set_epoch`` (e.g. ``transforms.slice_dataset.CTSliceDataset``).
+
+    Batch ``step`` is items ``[i*B, (i+1)*B)`` of epoch ``step // steps_per_epoch`` (this rank's
+    shard), so a resumed run restarts the loader mid-epoch at the right item. ``to_tensor`` turns a
+    collated batch dict into the model input.
+    """
+
+    def __init__(self, dataset, *, batch_size: int, to_tensor, num_workers: int = 0, pin_memory: bool = False):
+        world, r = distributed.world_size(), distributed.rank()
+        self.dataset = dataset
+        self.rank_items = list(range(r, len(dataset) - len(dataset) % world, world))
+        if len(self.rank_items) < batch_size:
+            raise ValueError(f"{len(dataset)} samples per epoch over {world} process(es) is fewer than "
+                             f"batch size {batch_size}")
+        self.batch_size = batch_size
+        self.steps_per_epoch = len(self.rank_items) // batch_size
+        self.to_tensor = to_tensor
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self._iter = None
+        self._next_step = None
+
+    def _start(self, step: int) -> None:
+        epoch, i = divmod(step, self.steps_per_epoch)
+        self.dataset.set_epoch(epoch)
+        items = self.rank_items[i * self.batch_size: self.steps_per_epoch * self.batch_size]
+        loader = torch.utils.data.DataLoader(self.dataset, batch_size=self.batch_size, sampler=items,
+                                             num_workers=self.num_workers, pin_memory=self.pin_memory,
+                                             drop_last=True)
+        self._iter = iter(loader)
+
+    def batch(self, step: int) -> torch.Tensor:
+        if step != self._next_step or step % self.steps_per_epoch == 0:
+            self._start(step)
+        self._next_step = step + 1
+        return self.to_tensor(next(self._iter))

@@ -65,7 +65,7 @@ def train_run(cfg: Config, batches: BatchSource, preview_images: torch.Tensor, *
     tc = cfg.tracking
     tracker = (MlflowTracker(tracking_uri=tc.tracking_uri, experiment=tc.experiment, run_name=run_name,
                              fallback_dir=out_dir, resume_run_id=run_id, tags=tags,
-                             system_metrics=getattr(tc, "system_metrics", False))
+                             system_metrics=tc.system_metrics)
                if main else NullTracker())
     if main:
         tracker.log_config(cfg.to_dict())

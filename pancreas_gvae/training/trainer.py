@@ -54,8 +54,15 @@ class Trainer:
         self.device = device
         self.model = model.to(device)
         tc = cfg.train
-        if device.type == "cuda" and tc.channels_last and cfg.model.spatial_dims == 2:
-            self.model = self.model.to(memory_format=torch.channels_last)
+        distributed.require_process_group()
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
+            if tc.channels_last and cfg.model.spatial_dims == 2:
+                self.model = self.model.to(memory_format=torch.channels_last)
+        if tc.compile:
+            for part in (model.encoder, model.generator, model.discriminator):
+                if part is not None:
+                    part.compile()  # in place: state_dict keys stay the same, checkpoints stay portable
         distributed.broadcast_module(self.model)
         gen_params = [p for part in (model.encoder, model.generator) if part is not None for p in part.parameters()]
         self.opt_g = torch.optim.Adam(gen_params, lr=tc.lr_g, betas=tuple(tc.betas))
@@ -86,11 +93,16 @@ class Trainer:
         return lc.beta_kl * min(1.0, self.step / lc.kl_warmup_steps)
 
     def check_finite(self, losses: dict[str, torch.Tensor]) -> None:
-        for name, value in losses.items():
-            v = float(value.detach())
-            if not math.isfinite(v):
+        values = {name: float(value.detach()) for name, value in losses.items()}
+        local = [not math.isfinite(v) for v in values.values()]
+        # Agreed over all ranks, so every rank stops at the same step instead of the others
+        # waiting forever in the next gradient all-reduce.
+        anywhere = distributed.any_across_ranks(local, device=next(iter(losses.values())).device)
+        for (name, v), here, bad in zip(values.items(), local, anywhere):
+            if bad:
                 raise TrainingDiverged(
-                    f"{name} became {v} at step {self.step}; weights from before this step are kept in the last "
+                    f"{name} became {v if here else 'non-finite on another process'} at step {self.step}; weights "
+                    "from before this step are kept in the last "
                     "checkpoint. Lower train.lr_g / train.lr_d, raise loss.kl_warmup_steps, or enable "
                     "model.spectral_norm, then resume with --resume"
                 )
@@ -111,6 +123,7 @@ class Trainer:
         self.model.train()
         x = x.to(self.device, non_blocking=True)
         logs = self._step_fn(self, x)
+        distributed.average_norm_stats(self.model)  # before the EMA copies G's buffers below
         self.ema.update_parameters(self.model.generator)
         # BatchNorm statistics are copied, not averaged: averaged running variances do not
         # match averaged weights early on and turn every sample grey.
@@ -126,6 +139,8 @@ class Trainer:
         return self.ema.module
 
     def state_dict(self) -> dict:
+        """Under several processes this is a collective (it gathers every rank's noise RNG): call it on all ranks."""
+        noise_per_rank = distributed.all_gather_object(self.noise.get_state()) if distributed.is_distributed() else None
         return {
             "step": self.step,
             "model": self.model.state_dict(),
@@ -136,6 +151,7 @@ class Trainer:
             "scaler": None,
             "rng": {
                 "noise": self.noise.get_state(),
+                "noise_per_rank": noise_per_rank,  # rank r resumes with its own stream (same world size)
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                 "numpy": np.random.get_state(),
@@ -152,7 +168,13 @@ class Trainer:
             self.opt_d.load_state_dict(state["opt_d"])
         self.ema.load_state_dict(state["ema"])
         rng = state["rng"]
-        self.noise.set_state(rng["noise"])
+        per_rank = rng.get("noise_per_rank")
+        if per_rank is not None and len(per_rank) == distributed.world_size():
+            self.noise.set_state(per_rank[distributed.rank()])
+        elif distributed.rank() == 0:
+            self.noise.set_state(rng["noise"])
+        else:  # another world size: a fresh stream per rank, never a copy of rank 0's
+            self.noise.manual_seed((self.cfg.train.seed * 1009 + distributed.rank()) * 1_000_003 + self.step)
         torch.set_rng_state(rng["torch"])
         if rng.get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])

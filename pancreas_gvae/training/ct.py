@@ -1,0 +1,125 @@
+"""The CT job's pieces: phantom default, preparation, slice batches, and the CT artifacts in MLflow.
+
+``pipelines/train_ct.py`` strings these together; each is usable on its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from pancreas_gvae.config import Config
+from pancreas_gvae.ct.config import DataConfig, _build, validate
+from pancreas_gvae.ct.phantom import make_phantom_cohort
+from pancreas_gvae.ct.prepare import prepare_dataset
+from pancreas_gvae.errors import DataError, PipelineError
+from pancreas_gvae.synthetic import generate, save_nifti_slices, split_ct_and_mask, window_to_hu
+from pancreas_gvae.training.batches import DatasetBatches
+from pancreas_gvae.viz import image_grid, save_png
+from transforms.slice_dataset import CTSliceDataset
+
+# Manifest columns that may leave the preparation folder: no case ids, no paths.
+SHAREABLE_COLUMNS = ["layout", "status", "reason", "shape", "spacing", "slice_thickness", "slice_interval",
+                     "n_slices", "vendor", "hu_min", "hu_max", "label_voxels", "label_median_hu",
+                     "pancreas_slice_count", "cache_shape", "cache_spacing"]
+
+
+def data_config(cfg: Config) -> DataConfig:
+    """``cfg.data["ct"]`` as the data layer's :class:`DataConfig` (unknown keys are named)."""
+    data = _build(DataConfig, dict(cfg.data.get("ct", {})), "data.ct")
+    validate(data)
+    return data
+
+
+def check_model_matches_data(cfg: Config, data: DataConfig) -> None:
+    s = data.sampling
+    channels = 1 + 2 * s.context_slices + 1  # CT (+ neighbours) + pancreas mask
+    m = cfg.model
+    if m.image_size != s.slice_size:
+        raise PipelineError(f"model.image_size ({m.image_size}) must equal data.ct.sampling.slice_size "
+                            f"({s.slice_size}); set both")
+    if m.in_channels != channels or m.mask_channels != 1:
+        raise PipelineError(f"model.in_channels must be {channels} (CT, {2 * s.context_slices} neighbour slice(s), "
+                            f"mask) and model.mask_channels 1; got {m.in_channels} and {m.mask_channels}")
+
+
+def ensure_phantom(root: Path, phantom: dict[str, Any]) -> Path:
+    """The embedded default cohort: made once under ``root``, reused afterwards."""
+    if not (root / "Pancreas-CT").is_dir():
+        print(f"no --data-root given: making a phantom cohort in {root} "
+              f"({phantom.get('cases', 6)} cases, {phantom.get('size', 128)} px)")
+        make_phantom_cohort(root, cases=int(phantom.get("cases", 6)), size=int(phantom.get("size", 128)),
+                            seed=int(phantom.get("seed", 0)))
+    return root
+
+
+def prepare(data_root: Path, prepared: Path, data: DataConfig, *, labels: Path | None, layout: str,
+            pancreas_label: int | None, workers: int) -> pd.DataFrame:
+    manifest = prepare_dataset(data_root, prepared, labels=labels, layout=layout, pancreas_label=pancreas_label,
+                               config=data, workers=workers)
+    ok = manifest[manifest["status"] == "ok"]
+    excluded = manifest[manifest["status"] != "ok"]
+    print(f"prepared {len(ok)} case(s), excluded {len(excluded)}; manifest: {prepared / 'manifest.csv'}")
+    for _, row in excluded.iterrows():
+        print(f"  excluded {row['case_id']}: {row['reason']}")
+    if ok.empty:
+        raise DataError(f"no usable case under {data_root}: every case was excluded (see {prepared / 'manifest.csv'})")
+    return manifest
+
+
+def slice_batches(prepared: Path, manifest: pd.DataFrame, data: DataConfig, cfg: Config, *,
+                  num_workers: int = 0) -> DatasetBatches:
+    dataset = CTSliceDataset.from_config(prepared, data, manifest, seed=cfg.train.seed)
+    return DatasetBatches(dataset, batch_size=cfg.train.batch_size, to_tensor=batch_to_input,
+                          num_workers=num_workers, pin_memory=torch.cuda.is_available())
+
+
+def batch_to_input(batch: dict[str, Any]) -> torch.Tensor:
+    """CT channel(s) then the pancreas mask: every synthetic slice comes with its label."""
+    return torch.cat([batch["image"], batch["label"]], dim=1)
+
+
+def preview_slices(prepared: Path, manifest: pd.DataFrame, data: DataConfig, n: int, seed: int) -> torch.Tensor:
+    """Real pancreas slices for the reconstruction grids (all from slices that hold pancreas)."""
+    ds = CTSliceDataset.from_config(prepared, data, manifest, seed=seed + 1)
+    ds.pos_fraction = 1.0
+    ds.set_epoch(0)
+    return torch.stack([batch_to_input({k: v[None] for k, v in ds[i].items() if k in ("image", "label")})[0]
+                        for i in range(min(n, len(ds)))])
+
+
+def shareable_manifest(manifest: pd.DataFrame) -> pd.DataFrame:
+    """The manifest without case ids or paths: case ids are the source DICOM's PatientID for TCIA data."""
+    out = manifest[[c for c in SHAREABLE_COLUMNS if c in manifest.columns]].copy()
+    out.insert(0, "case", [f"case_{i:03d}" for i in range(len(out))])
+    return out
+
+
+def pixel_mm(data: DataConfig, prepared_manifest: pd.DataFrame) -> float:
+    s = data.sampling
+    if s.fit == "resize" and s.fov_mm:
+        return float(s.fov_mm) / s.slice_size
+    return float(data.preprocess.spacing[0] or 1.0)
+
+
+def log_ct_artifacts(trainer, tracker, out_dir: Path, *, data: DataConfig, manifest: pd.DataFrame,
+                     n_nifti: int = 16) -> None:
+    """Synthetic NIfTI slices (HU, with spacing), an overlay grid, and the manifest as a dataset input."""
+    cfg = trainer.cfg
+    samples = generate(trainer.ema_generator, n_nifti, latent_dim=cfg.model.latent_dim, seed=cfg.train.seed + 1,
+                       device=trainer.device)
+    slices = split_ct_and_mask(samples, mask_channels=cfg.model.mask_channels)
+    slices = dataclasses.replace(slices, ct=window_to_hu(slices.ct, data.preprocess.hu_window))
+    nifti_dir = out_dir / "synthetic_nifti"
+    save_nifti_slices(slices, nifti_dir, pixel_mm=pixel_mm(data, manifest))
+    tracker.log_artifacts(nifti_dir, artifact_path="synthetic_nifti")
+    grid = image_grid(samples, mask_channels=cfg.model.mask_channels, nrow=8)
+    tracker.log_artifact(save_png(grid, out_dir / "synthetic_overlay.png"), artifact_path="final")
+    shared = shareable_manifest(manifest)
+    shared_path = out_dir / "manifest_shareable.csv"
+    shared.to_csv(shared_path, index=False)
+    tracker.log_dataset(shared, name="ct-slices", context="training")
