@@ -53,16 +53,17 @@ def _cli_overrides(args: argparse.Namespace) -> list[str]:
 @run_cli
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    device = distributed.init_distributed()
+    cfg = load_config(args.config, _cli_overrides(args))
+    data = ct.data_config(cfg)
+    ct.check_model_matches_data(cfg, data)
+    device = distributed.init_distributed(cfg.train.device)
     try:
-        cfg = load_config(args.config, _cli_overrides(args))
-        if device.type == "cuda":
-            cfg.train.device = str(device)
-        data = ct.data_config(cfg)
-        ct.check_model_matches_data(cfg, data)
-        data_root = args.data_root or ct.ensure_phantom(args.out / "phantom", cfg.data.get("phantom", {}))
+        cfg.train.device = str(device)  # under torchrun: this rank's GPU
+        data_root = args.data_root or args.out / "phantom"
         prepared = args.out / "prepared"
-        if distributed.is_main_process():
+        if distributed.is_main_process():  # rank 0 makes and prepares the data; the others wait
+            if args.data_root is None:
+                ct.ensure_phantom(data_root, cfg.data.get("phantom", {}))
             manifest = ct.prepare(data_root, prepared, data, labels=args.labels, layout=args.layout,
                                   pancreas_label=args.pancreas_label, workers=args.workers)
         distributed.barrier()

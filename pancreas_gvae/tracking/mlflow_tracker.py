@@ -3,6 +3,10 @@
 MONAI's ``MLFlowHandler`` targets Ignite engines and defaults to a ``./mlruns`` file
 store, which MLflow 3.13+ refuses; this loop is plain PyTorch, so it talks to MLflow
 directly with ``sqlite:///mlflow.db`` as the default store.
+
+A remote tracking server that cannot be reached, at the start or mid-run, never stops
+training: the tracker warns once and continues in a local sqlite store under the
+output folder (a new run tagged with the one it replaces).
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import mlflow
 import numpy as np
@@ -23,9 +27,13 @@ from pancreas_gvae.config import flatten
 _MAX_PARAM_LEN = 500
 
 
+def _is_remote(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
 def _reachable(uri: str) -> bool:
     """Is a remote tracking server answering? Local stores (sqlite, file) are always used as given."""
-    if not uri.startswith(("http://", "https://")):
+    if not _is_remote(uri):
         return True
     saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
     os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
@@ -47,21 +55,54 @@ class MlflowTracker:
     def __init__(self, *, tracking_uri: str, experiment: str, run_name: str, fallback_dir: str | Path = ".",
                  resume_run_id: str | None = None, tags: dict[str, str] | None = None,
                  system_metrics: bool = False):
+        self.experiment = experiment
+        self.run_name = run_name
+        self.tags = dict(tags or {})
+        self.system_metrics = system_metrics
+        self.fallback_uri = f"sqlite:///{Path(fallback_dir).resolve() / 'mlflow.db'}"
+        self._config: dict[str, Any] | None = None
         if not _reachable(tracking_uri):
-            fallback = f"sqlite:///{Path(fallback_dir).resolve() / 'mlflow.db'}"
-            warnings.warn(f"MLflow tracking server {tracking_uri} cannot be reached; logging to {fallback} instead. "
-                          "Nothing is lost: copy the run later with `mlflow` export tools or re-point the UI there.",
-                          stacklevel=2)
-            tracking_uri = fallback
-            resume_run_id = None
-        self.tracking_uri = tracking_uri
-        mlflow.set_tracking_uri(tracking_uri)
-        mlflow.set_experiment(experiment)
+            self._warn(tracking_uri)
+            tracking_uri, resume_run_id = self.fallback_uri, None
+        self._start(tracking_uri, resume_run_id)
+
+    def _start(self, uri: str, resume_run_id: str | None) -> None:
+        if _is_remote(uri):
+            # MLflow's default retries a dead server for minutes per call; fail fast and fall back instead.
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+        self.tracking_uri = uri
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_experiment(self.experiment)
         if resume_run_id and not self._run_exists(resume_run_id):
             resume_run_id = None
-        self.run = mlflow.start_run(run_id=resume_run_id, run_name=None if resume_run_id else run_name,
-                                    tags=tags, log_system_metrics=system_metrics)
+        self.run = mlflow.start_run(run_id=resume_run_id, run_name=None if resume_run_id else self.run_name,
+                                    tags=self.tags, log_system_metrics=self.system_metrics)
         self.run_id = self.run.info.run_id
+
+    def _warn(self, uri: str) -> None:
+        warnings.warn(f"MLflow tracking server {uri} cannot be reached; logging to {self.fallback_uri} instead. "
+                      f"Training goes on; view it with: mlflow ui --backend-store-uri {self.fallback_uri}",
+                      stacklevel=3)
+
+    def _call(self, fn: Callable[[], Any]) -> Any:
+        """Run one logging call; if a remote server fails, switch to the local store and retry there."""
+        try:
+            return fn()
+        except Exception:
+            if not _is_remote(self.tracking_uri):
+                raise
+            self._warn(self.tracking_uri)
+            lost = self.run_id
+            try:
+                mlflow.end_run(status="FAILED")
+            except Exception:  # noqa: BLE001 - the server is gone; nothing more to tell it
+                pass
+            self.tags["replaces_run"] = lost
+            self._start(self.fallback_uri, None)
+            if self._config is not None:
+                self._log_config(self._config)
+            return fn()
 
     @staticmethod
     def _run_exists(run_id: str) -> bool:
@@ -71,7 +112,7 @@ class MlflowTracker:
         except Exception:  # noqa: BLE001
             return False
 
-    def log_config(self, cfg: dict[str, Any]) -> None:
+    def _log_config(self, cfg: dict[str, Any]) -> None:
         params = {k: str(v)[:_MAX_PARAM_LEN] for k, v in flatten(cfg).items()}
         existing = mlflow.get_run(self.run_id).data.params
         fresh = {k: v for k, v in params.items() if k not in existing}
@@ -79,17 +120,27 @@ class MlflowTracker:
             mlflow.log_params(fresh)
         mlflow.log_text(yaml.safe_dump(cfg, sort_keys=False), "config.yaml")
 
+    def log_config(self, cfg: dict[str, Any]) -> None:
+        self._config = cfg
+        self._call(lambda: self._log_config(cfg))
+
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        mlflow.log_metrics(metrics, step=step)
+        self._call(lambda: mlflow.log_metrics(metrics, step=step))
 
     def log_image(self, key: str, image: np.ndarray, step: int) -> None:
-        mlflow.log_image(image, key=key, step=step)
+        self._call(lambda: mlflow.log_image(image, key=key, step=step))
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        mlflow.log_artifact(str(path), artifact_path=artifact_path)
+        self._call(lambda: mlflow.log_artifact(str(path), artifact_path=artifact_path))
 
     def log_artifacts(self, folder: str | Path, artifact_path: str | None = None) -> None:
-        mlflow.log_artifacts(str(folder), artifact_path=artifact_path)
+        self._call(lambda: mlflow.log_artifacts(str(folder), artifact_path=artifact_path))
+
+    def log_dataset(self, frame, *, name: str, context: str) -> None:
+        """A table (the de-identified manifest) as an MLflow dataset input of the run."""
+        import mlflow.data
+
+        self._call(lambda: mlflow.log_input(mlflow.data.from_pandas(frame, name=name), context=context))
 
     def log_generator(self, module, *, latent_dim: int, name: str = "generator",
                       register_name: str | None = None) -> None:
@@ -98,21 +149,19 @@ class MlflowTracker:
         import torch
 
         example = np.zeros((2, latent_dim), dtype=np.float32)
-        mlflow.pytorch.log_model(module, name=name, registered_model_name=register_name,
-                                 serialization_format="pickle", input_example=example,
-                                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "monai"])
-
-    def log_dataset(self, frame, *, name: str, context: str) -> None:
-        """A table (the de-identified manifest) as an MLflow dataset input of the run."""
-        import mlflow.data
-
-        mlflow.log_input(mlflow.data.from_pandas(frame, name=name), context=context)
+        self._call(lambda: mlflow.pytorch.log_model(
+            module, name=name, registered_model_name=register_name, serialization_format="pickle",
+            input_example=example, pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "monai"]))
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        mlflow.set_tags(tags)
+        self._call(lambda: mlflow.set_tags(tags))
 
     def end(self, status: str = "FINISHED") -> None:
-        mlflow.end_run(status=status)
+        try:
+            mlflow.end_run(status=status)
+        except Exception:  # noqa: BLE001 - ending a run on a server that went away must not mask the result
+            if not _is_remote(self.tracking_uri):
+                raise
 
 
 class NullTracker:

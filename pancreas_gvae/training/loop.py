@@ -78,8 +78,10 @@ def fit(trainer: Trainer, batches: BatchSource, *, steps: int, checkpoint_path: 
         if main and (step % tc.sample_every == 0 or last):
             for key, grid in preview.grids().items():
                 tracker.log_image(key, grid, step=step)
-        if main and (step % tc.checkpoint_every == 0 or last):
-            save_checkpoint({**trainer.state_dict(), **(extra_state or {})}, checkpoint_path)
+        if step % tc.checkpoint_every == 0 or last:
+            state = trainer.state_dict()  # every rank: it gathers the per-rank noise RNG states
+            if main:
+                save_checkpoint({**state, **(extra_state or {})}, checkpoint_path)
         bar.update(1)
     bar.close()
     return logs

@@ -34,6 +34,14 @@ class RunResult:
     seconds: float
 
 
+def out_of_memory_advice(cfg: Config) -> str:
+    m, t = cfg.model, cfg.train
+    return (f"out of GPU memory at batch size {t.batch_size} per GPU, {m.image_size}px, channels {m.channels}. "
+            f"Lower --batch-size (train.batch_size, e.g. {max(1, t.batch_size // 2)}), or use a smaller config "
+            "(configs/ct_256.yaml instead of ct_512.yaml), or narrower model.channels; keep train.precision=bf16. "
+            "Resume with --resume: the last checkpoint is intact")
+
+
 def checkpoint_path(out_dir: Path) -> Path:
     return Path(out_dir) / "checkpoints" / "last.pt"
 
@@ -59,7 +67,7 @@ def train_run(cfg: Config, batches: BatchSource, preview_images: torch.Tensor, *
                                 "resume with the same --config/overrides or use a new --out")
         trainer.load_state_dict(state)
         run_id = state.get("mlflow_run_id")
-        print(f"resuming from {ckpt} at step {trainer.step}")
+        distributed.print0(f"resuming from {ckpt} at step {trainer.step}")
 
     main = distributed.is_main_process()
     tc = cfg.tracking
@@ -86,6 +94,9 @@ def train_run(cfg: Config, batches: BatchSource, preview_images: torch.Tensor, *
     except TrainingDiverged:
         tracker.end("FAILED")
         raise
+    except torch.cuda.OutOfMemoryError:
+        tracker.end("FAILED")
+        raise PipelineError(out_of_memory_advice(cfg), exit_code=4) from None
     except BaseException:
         tracker.end("KILLED")
         raise

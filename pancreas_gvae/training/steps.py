@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from pancreas_gvae import losses as L
 from pancreas_gvae.models.gvae import reparameterize
+from pancreas_gvae.training import distributed
 
 if TYPE_CHECKING:
     from pancreas_gvae.training.trainer import Trainer
@@ -54,7 +55,8 @@ def _d_update(tr: "Trainer", x: torch.Tensor, fakes: list[torch.Tensor], logs: d
     logs["loss/d"] = loss_d
     logs["d/real_logit"] = real_logit.float().mean()
     logs["d/fake_logit"] = torch.stack([f.float().mean() for f in fake_logits]).mean()
-    skip = lc.d_gate_loss is not None and loss_d.item() < lc.d_gate_loss
+    # Decided on the mean over ranks, so every rank skips (or not) together and collectives stay in step.
+    skip = lc.d_gate_loss is not None and float(distributed.mean_across_ranks(loss_d.detach())) < lc.d_gate_loss
     logs["d/skipped"] = torch.tensor(float(skip))
     if not skip:
         tr.apply(tr.opt_d, list(D.parameters()), torch.autograd.grad(loss_d, list(D.parameters())))
