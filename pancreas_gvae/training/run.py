@@ -20,7 +20,7 @@ from pancreas_gvae.tracking import MlflowTracker, NullTracker
 from pancreas_gvae.training import distributed
 from pancreas_gvae.training.checkpoint import load_checkpoint
 from pancreas_gvae.training.loop import BatchSource, Preview, fit
-from pancreas_gvae.training.trainer import Trainer, resolve_device, seed_everything
+from pancreas_gvae.training.trainer import Trainer, seed_everything
 from pancreas_gvae.viz import save_png
 
 
@@ -53,7 +53,7 @@ def train_run(cfg: Config, batches: BatchSource, preview_images: torch.Tensor, *
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.train.seed)
-    device = resolve_device(cfg.train.device)
+    device = distributed.init_distributed(cfg.train.device)  # a no-op without torchrun; idempotent
     trainer = Trainer(cfg, build_model(cfg.model), device)
     ckpt = checkpoint_path(out_dir)
 

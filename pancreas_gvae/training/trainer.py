@@ -21,16 +21,6 @@ from pancreas_gvae.training import distributed
 from pancreas_gvae.training.steps import STEPS
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        from pancreas_gvae.errors import PipelineError
-
-        raise PipelineError("--device cuda was asked for, but no CUDA device is available; use --device cpu")
-    return torch.device(name)
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
