@@ -27,17 +27,22 @@ def _level(spatial_dims: int, cin: int, cout: int, *, norm, act, res_units: int,
     return nn.Sequential(*layers)
 
 
+def _down_path(spatial_dims: int, in_channels: int, channels: Sequence[int], *, norm, res_units: int) -> nn.Sequential:
+    """Strided levels shared by E and D; no normalisation on the first level, as in DCGAN."""
+    widths = [in_channels, *channels]
+    return nn.Sequential(*[
+        _level(spatial_dims, a, b, norm=norm, act=LEAKY, res_units=res_units, first_norm=i > 0)
+        for i, (a, b) in enumerate(zip(widths[:-1], widths[1:]))
+    ])
+
+
 class Encoder(nn.Module):
     """``E(x) -> (mu, logvar)``: strided convolutions, then a linear head."""
 
     def __init__(self, *, spatial_dims: int, in_channels: int, image_size: int, channels: Sequence[int],
                  latent_dim: int, num_res_units: int = 0, norm: str | None = "batch"):
         super().__init__()
-        widths = [in_channels, *channels]
-        self.features = nn.Sequential(*[
-            _level(spatial_dims, a, b, norm=norm, act=LEAKY, res_units=num_res_units, first_norm=i > 0)
-            for i, (a, b) in enumerate(zip(widths[:-1], widths[1:]))
-        ])
+        self.features = _down_path(spatial_dims, in_channels, channels, norm=norm, res_units=num_res_units)
         bottom = image_size // 2 ** len(channels)
         self.head = nn.Linear(channels[-1] * bottom**spatial_dims, 2 * latent_dim)
 
@@ -75,11 +80,7 @@ class Discriminator(nn.Module):
     def __init__(self, *, spatial_dims: int, in_channels: int, image_size: int, channels: Sequence[int],
                  num_res_units: int = 0, norm: str | None = None, spectral_norm: bool = True):
         super().__init__()
-        widths = [in_channels, *channels]
-        self.features = nn.Sequential(*[
-            _level(spatial_dims, a, b, norm=norm, act=LEAKY, res_units=num_res_units, first_norm=i > 0)
-            for i, (a, b) in enumerate(zip(widths[:-1], widths[1:]))
-        ])
+        self.features = _down_path(spatial_dims, in_channels, channels, norm=norm, res_units=num_res_units)
         bottom = image_size // 2 ** len(channels)
         self.head = nn.Linear(channels[-1] * bottom**spatial_dims, 1)
         if spectral_norm:
