@@ -7,6 +7,7 @@ always be rebuilt from what it recorded.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,7 +75,8 @@ class TrainConfig:
 
 @dataclass
 class TrackingConfig:
-    tracking_uri: str = "sqlite:///mlflow.db"
+    # MLFLOW_TRACKING_URI (as in MLflow itself) or a sqlite store in the working directory.
+    tracking_uri: str = field(default_factory=lambda: os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"))
     experiment: str = "pancreas-gvae"
     run_name: str | None = None
     log_model: bool = True

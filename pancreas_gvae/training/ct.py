@@ -17,6 +17,7 @@ from pancreas_gvae.ct.config import DataConfig, _build, validate
 from pancreas_gvae.ct.phantom import make_phantom_cohort
 from pancreas_gvae.ct.prepare import prepare_dataset
 from pancreas_gvae.errors import DataError, PipelineError
+from pancreas_gvae.export.bundle import export_bundle, infer_geometry
 from pancreas_gvae.synthetic import generate, save_nifti_slices, split_ct_and_mask, window_to_hu
 from pancreas_gvae.training.batches import DatasetBatches
 from pancreas_gvae.viz import image_grid, save_png
@@ -99,13 +100,6 @@ def shareable_manifest(manifest: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def pixel_mm(data: DataConfig, prepared_manifest: pd.DataFrame) -> float:
-    s = data.sampling
-    if s.fit == "resize" and s.fov_mm:
-        return float(s.fov_mm) / s.slice_size
-    return float(data.preprocess.spacing[0] or 1.0)
-
-
 def log_ct_artifacts(trainer, tracker, out_dir: Path, *, data: DataConfig, manifest: pd.DataFrame,
                      n_nifti: int = 16) -> None:
     """Synthetic NIfTI slices (HU, with spacing), an overlay grid, and the manifest as a dataset input."""
@@ -115,8 +109,12 @@ def log_ct_artifacts(trainer, tracker, out_dir: Path, *, data: DataConfig, manif
     slices = split_ct_and_mask(samples, mask_channels=cfg.model.mask_channels)
     slices = dataclasses.replace(slices, ct=window_to_hu(slices.ct, data.preprocess.hu_window))
     nifti_dir = out_dir / "synthetic_nifti"
-    save_nifti_slices(slices, nifti_dir, pixel_mm=pixel_mm(data, manifest))
+    geometry = infer_geometry(cfg)
+    save_nifti_slices(slices, nifti_dir, pixel_mm=geometry.spacing[0] if geometry.spacing else 1.0)
     tracker.log_artifacts(nifti_dir, artifact_path="synthetic_nifti")
+    bundle = export_bundle(trainer.ema_generator, cfg, out_dir / "bundle", spacing=geometry.spacing,
+                           window=geometry.window, overwrite=True)
+    tracker.log_artifacts(bundle, artifact_path="monai_bundle")
     grid = image_grid(samples, mask_channels=cfg.model.mask_channels, nrow=8)
     tracker.log_artifact(save_png(grid, out_dir / "synthetic_overlay.png"), artifact_path="final")
     shared = shareable_manifest(manifest)

@@ -59,6 +59,8 @@ def test_default_job_logs_grids_nifti_model_and_manifest(tmp_path):
                      inputs[0].dataset.schema or "", inputs[0].dataset.source or ""])
     assert "PANCREAS_" not in text
     assert (tmp_path / "out" / "synthetic_overlay.png").is_file()
+    bundle = {a.path for a in client.list_artifacts(run.info.run_id, "monai_bundle/configs")}
+    assert {"monai_bundle/configs/inference.json", "monai_bundle/configs/metadata.json"} <= bundle
 
 
 def test_model_and_data_settings_must_agree(tmp_path, capsys):
