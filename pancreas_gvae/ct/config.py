@@ -1,0 +1,169 @@
+"""Data-preparation settings for CT (``configs/data/default.yaml``), as dataclasses.
+
+The defaults here equal the YAML file (a test keeps them in step), so library code can run without a file.
+:func:`config_hash` fingerprints every setting that changes what goes into the cache; the cache of a case
+is reused only when its stored hash matches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pancreas_gvae.errors import PipelineError
+
+# Bump when the cache layout or the preprocessing code changes what it writes.
+CACHE_FORMAT_VERSION = 1
+
+_DUPLICATE_NOTE = "duplicate of PANCREAS_0002 (same scan, cropped differently; removed in collection version 2)"
+
+
+@dataclass
+class LabelConfig:
+    """Which label values mean "pancreas", per layout (``--pancreas-label`` overrides them)."""
+
+    tcia: list[int] = field(default_factory=lambda: [1])
+    msd: list[int] = field(default_factory=lambda: [1, 2])  # 1 pancreas + 2 tumour: both pancreas tissue
+    folder: list[int] = field(default_factory=lambda: [1])
+    require_label: bool = True  # a case without a label is excluded (missing_label)
+
+
+@dataclass
+class CheckConfig:
+    """Thresholds of the per-case checks (reasons in :mod:`pancreas_gvae.ct.checks`)."""
+
+    min_slices: int = 8
+    slice_gap_tolerance: float = 0.1  # allowed relative deviation of a slice gap from the median interval
+    max_tilt_degrees: float = 1.0  # slice stacking direction vs. slice normal, and GantryDetectorTilt
+    max_oblique_degrees: float = 10.0  # "axial" = slice normal within this angle of the S-I axis
+    extent_tolerance_mm: float = 2.0  # label and image must cover the same box in world space
+    label_median_hu: list[float] = field(default_factory=lambda: [-30.0, 250.0])
+    max_air_fraction: float = 0.02  # fraction of label voxels below -500 HU
+    max_fat_fraction: float = 0.30  # fraction of label voxels below -50 HU
+    min_label_voxels: int = 10
+
+
+@dataclass
+class PreprocessConfig:
+    """The deterministic chain (cached): orientation, body crop, spacing, HU window."""
+
+    orientation: str = "RAS"
+    spacing: list[float | None] = field(default_factory=lambda: [1.0, 1.0, None])  # mm; None keeps the source
+    hu_window: list[float] = field(default_factory=lambda: [-125.0, 275.0])  # -> [0, 1], clipped
+    body_threshold_hu: float = -500.0  # CropForegroundd keeps the box of voxels above this
+    body_margin: int = 4  # voxels around the body box
+    cache_dtype: str = "float16"  # image dtype on disk: float16 | float32
+
+
+@dataclass
+class SamplingConfig:
+    """The random part, run per epoch on the cache (see transforms/slice_dataset.py)."""
+
+    slice_size: int = 128
+    fit: str = "resize"  # resize: a fov_mm square resized to slice_size | crop: slice_size patch at cache resolution
+    fov_mm: float | None = 400.0  # resize: same mm per pixel for every case; None fits each whole slice
+    context_slices: int = 0  # 2.5D: this many neighbours on each side as extra channels
+    pos_fraction: float | None = 0.5  # fraction of samples with pancreas; None: every slice once
+    samples_per_epoch: int | None = None  # None: number of slices in the selected cases
+    patch_size: list[int] = field(default_factory=lambda: [16, 96, 96])  # (slices, rows, cols) for 3D patches
+    patch_pos: float = 1.0
+    patch_neg: float = 1.0
+    patch_num_samples: int = 4
+
+
+@dataclass
+class DataConfig:
+    labels: LabelConfig = field(default_factory=LabelConfig)
+    exclude_cases: dict[str, str] = field(
+        default_factory=lambda: {"PANCREAS_0025": _DUPLICATE_NOTE, "PANCREAS_0070": _DUPLICATE_NOTE}
+    )
+    checks: CheckConfig = field(default_factory=CheckConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+    def pancreas_values(self, layout: str, override: int | list[int] | None = None) -> list[int]:
+        """Label values mapped to pancreas for ``layout``; ``override`` (the CLI flag) wins."""
+        if override is not None:
+            values = [override] if isinstance(override, int) else list(override)
+        else:
+            values = list(getattr(self.labels, layout))
+        if not values or any(int(v) <= 0 for v in values):
+            raise PipelineError(f"pancreas label values must be positive integers, got {values}")
+        return sorted({int(v) for v in values})
+
+
+def _build(cls, data: dict[str, Any], where: str):
+    """Dataclass ``cls`` from a dict, naming unknown keys instead of ignoring them."""
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(known)
+    if unknown:
+        raise PipelineError(f"unknown data config key(s) in {where}: {', '.join(sorted(unknown))}")
+    kwargs = {}
+    for name, value in data.items():
+        sub = known[name].default_factory if known[name].default_factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(sub) and isinstance(value, dict):
+            kwargs[name] = _build(sub, value, f"{where}.{name}")
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def load_data_config(path: str | Path | None = None) -> DataConfig:
+    """Read a data config YAML (missing keys keep their defaults); ``None`` gives the defaults."""
+    if path is None:
+        return DataConfig()
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"data config not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise PipelineError(f"data config {path} is not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise PipelineError(f"data config {path} must be a mapping")
+    cfg = _build(DataConfig, data, path.name)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: DataConfig) -> None:
+    p, s = cfg.preprocess, cfg.sampling
+    if len(p.spacing) != 3:
+        raise PipelineError(f"preprocess.spacing needs 3 values (x, y, z; null keeps), got {p.spacing}")
+    if p.hu_window[0] >= p.hu_window[1]:
+        raise PipelineError(f"preprocess.hu_window must be [low, high], got {p.hu_window}")
+    if p.cache_dtype not in ("float16", "float32"):
+        raise PipelineError(f"preprocess.cache_dtype must be float16 or float32, got {p.cache_dtype}")
+    if s.fit not in ("resize", "crop"):
+        raise PipelineError(f"sampling.fit must be resize or crop, got {s.fit}")
+    if s.pos_fraction is not None and not 0.0 <= s.pos_fraction <= 1.0:
+        raise PipelineError(f"sampling.pos_fraction must be in [0, 1] or null, got {s.pos_fraction}")
+
+
+def config_hash(cfg: DataConfig, pancreas_values: list[int]) -> str:
+    """Short hash of everything that decides a cached case: checks, preprocessing, label mapping, format."""
+    payload = {
+        "format": CACHE_FORMAT_VERSION,
+        "checks": dataclasses.asdict(cfg.checks),
+        "preprocess": dataclasses.asdict(cfg.preprocess),
+        "pancreas_values": sorted(int(v) for v in pancreas_values),
+    }
+    text = json.dumps(_numbers_as_float(payload), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _numbers_as_float(value: Any) -> Any:
+    """YAML ``-30`` and the default ``-30.0`` are the same setting: hash them alike."""
+    if isinstance(value, dict):
+        return {k: _numbers_as_float(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_numbers_as_float(v) for v in value]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return value

@@ -1,0 +1,95 @@
+"""Pair a label with its image in world coordinates (through both affines), never by array index.
+
+The TCIA labels, the shared ``abdomen-dicom`` sample and the phantom all store the mask with other axis
+directions than the DICOM reader returns (y and/or z flipped); only the affines say how they line up.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+from scipy import ndimage
+
+from pancreas_gvae.ct.checks import CaseExcluded
+
+
+def grid_box(affine: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """World (mm) box covered by a voxel grid, voxel edges included, so grids of other resolutions compare."""
+    corners = np.array(list(itertools.product(*[(-0.5, n - 0.5) for n in shape[:3]])))
+    world = corners @ affine[:3, :3].T + affine[:3, 3]
+    return world.min(axis=0), world.max(axis=0)
+
+
+def check_label_extent(image_affine: np.ndarray, image_shape: tuple[int, ...], label_affine: np.ndarray,
+                       label_shape: tuple[int, ...], tol_mm: float) -> None:
+    """The label must cover the image's box (same field of view) within ``tol_mm`` on every side."""
+    ilo, ihi = grid_box(image_affine, image_shape)
+    llo, lhi = grid_box(label_affine, label_shape)
+    off = np.maximum(np.abs(ilo - llo), np.abs(ihi - lhi))
+    if np.any(off > tol_mm):
+        def fmt(lo, hi):
+            return "x {:.0f}..{:.0f}, y {:.0f}..{:.0f}, z {:.0f}..{:.0f} mm".format(*np.ravel([lo, hi], "F"))
+
+        raise CaseExcluded(
+            "label_extent_mismatch",
+            f"label {tuple(label_shape[:3])} covers {fmt(llo, lhi)}, image {tuple(image_shape[:3])} covers "
+            f"{fmt(ilo, ihi)} (off by up to {off.max():.1f} mm)",
+        )
+
+
+def _index_map(image_affine: np.ndarray, label_affine: np.ndarray) -> np.ndarray:
+    """4x4 map from image voxel indices to label voxel indices."""
+    return np.linalg.inv(label_affine) @ image_affine
+
+
+def _as_signed_permutation(t: np.ndarray, tol: float = 1e-3) -> tuple[np.ndarray, np.ndarray] | None:
+    """(perm, sign) when ``t`` only permutes / flips axes with whole-voxel shifts, else None."""
+    r = np.rint(t[:3, :3])
+    if np.abs(t[:3, :3] - r).max() > tol or np.abs(t[:3, 3] - np.rint(t[:3, 3])).max() > 1e-2:
+        return None
+    if not (np.abs(r).sum(axis=0) == 1).all() or not (np.abs(r).sum(axis=1) == 1).all():
+        return None
+    perm = np.argmax(np.abs(r), axis=0)  # image axis a reads label axis perm[a]
+    sign = r[perm, np.arange(3)]
+    return perm, sign
+
+
+def resample_label_to_image(label: np.ndarray, label_affine: np.ndarray, image_affine: np.ndarray,
+                            image_shape: tuple[int, ...]) -> np.ndarray:
+    """Nearest-neighbour label on the image grid; voxels outside the label's grid become 0."""
+    t = _index_map(image_affine, label_affine)
+    shape = tuple(int(n) for n in image_shape[:3])
+    exact = _as_signed_permutation(t)
+    if exact is None:
+        # Rotated or resized grids: scipy's map_coordinates-based resampler does nearest neighbour without
+        # a dense coordinate grid (MONAI's ResampleToMatch would build one: ~3 GB for a 512x512x250 volume).
+        return ndimage.affine_transform(label, t[:3, :3], offset=t[:3, 3], output_shape=shape, order=0,
+                                        mode="constant", cval=0)
+    # Same voxel size, only flips/permutations/shifts (the common case): one strided copy, exact and fast.
+    perm, sign = exact
+    lab = np.transpose(label, perm)
+    out = np.zeros(shape, dtype=label.dtype, order="F" if lab.flags.f_contiguous else "C")  # copy without transposing
+    dst, src = [], []
+    for a in range(3):
+        step, start, size = int(sign[a]), int(round(t[perm[a], 3])), lab.shape[a]
+        # label index along this axis: step * i + start, kept where it falls inside the label
+        lo, hi = (max(0, -start), min(shape[a], size - start)) if step == 1 else \
+            (max(0, start - size + 1), min(shape[a], start + 1))
+        if hi <= lo:
+            return out
+        first, last = step * lo + start, step * (hi - 1) + start
+        dst.append(slice(lo, hi))
+        src.append(slice(first, last + 1) if step == 1 else slice(first, last - 1 if last > 0 else None, -1))
+    out[tuple(dst)] = lab[tuple(src)]
+    return out
+
+
+def pancreas_mask(label: np.ndarray, values: list[int]) -> np.ndarray:
+    """uint8 0/1 mask of the voxels whose (rounded) value is one of ``values``."""
+    if np.issubdtype(label.dtype, np.floating):
+        label = np.rint(label)
+    mask = label == values[0]  # chained == rather than np.isin: 50x faster on a Fortran-ordered volume
+    for v in values[1:]:
+        mask |= label == v
+    return mask.view(np.uint8)

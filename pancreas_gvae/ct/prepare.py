@@ -1,0 +1,200 @@
+"""Prepare a CT cohort: discover cases, check and preprocess each one, cache it, write the manifest.
+
+Each case runs inside its own try/except: whatever goes wrong becomes a manifest row with status
+``excluded`` and a named reason, and the other cases carry on. A re-run reuses every case whose cache
+entry has the same config hash and source fingerprint (resume), so only new or changed cases are redone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import multiprocessing
+import os
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from pancreas_gvae.ct.checks import CaseExcluded
+from pancreas_gvae.ct.config import DataConfig, config_hash, load_data_config, validate
+from pancreas_gvae.ct.dicom_series import candidate_files, scan_dicom_files
+from pancreas_gvae.ct.discovery import CaseSource, discover, mark_missing_labels
+from pancreas_gvae.ct.manifest import dims, redact, relative, to_frame, write_manifest
+from pancreas_gvae.errors import DataError, PipelineError
+
+log = logging.getLogger(__name__)
+
+
+def source_fingerprint(case: CaseSource) -> str:
+    """Hash of the names, sizes and modification times of a case's files: a changed source redoes the case."""
+    paths: list[Path] = []
+    if case.image is not None:
+        paths += candidate_files(case.image) if case.image.is_dir() else [case.image]
+    if case.label is not None:
+        paths.append(case.label)
+    h = hashlib.sha256()
+    for p in paths:
+        try:
+            st = p.stat()
+            h.update(f"{p.name}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{p.name}|missing\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _base_row(case: CaseSource, root: Path, chash: str) -> dict[str, Any]:
+    return {
+        "case_id": case.case_id,
+        "layout": case.layout,
+        "status": "excluded",
+        "reason": "",
+        "notes": "; ".join(case.notes),
+        "image_path": relative(case.image, root),  # the case folder, never the study/series folders below it
+        "label_path": relative(case.label, root),
+        "config_hash": chash,
+        "from_cache": False,
+    }
+
+
+def prepare_case(case: CaseSource, cache_dir: Path, cfg: DataConfig, pancreas_values: list[int], chash: str,
+                 data_root: Path, fingerprint: str = "") -> dict[str, Any]:
+    """Check, preprocess and cache one case; always returns its manifest row (never raises on bad data)."""
+    from transforms.cache import case_dir, save_cached_case, update_cache_meta  # lazily: heavy imports
+    from transforms.ct import QC_KEY, build_preprocess_chain, unwrap_exclusion
+
+    start = time.perf_counter()
+    row = _base_row(case, data_root, chash)
+    notes = list(case.notes)
+    try:
+        if case.excluded is not None:
+            raise CaseExcluded(*case.excluded)
+        if case.kind == "dicom":
+            series = scan_dicom_files(candidate_files(case.image), cfg.checks)
+            notes += series.notes
+            row.update(slice_thickness=series.thickness, slice_interval=round(series.interval, 4),
+                       n_slices=len(series.files), vendor=series.manufacturer)
+            image_src: Any = series.files
+        else:
+            image_src = str(case.image)
+        data = build_preprocess_chain(cfg, pancreas_values)({"image": image_src, "label": str(case.label)})
+        qc = data.get(QC_KEY, {})
+        if case.kind == "nifti":
+            row.update(slice_interval=round(qc["spacing"][2], 4), n_slices=qc["shape"][2])
+        row.update(shape=dims(qc["shape"]), spacing=dims(qc["spacing"], "{:.4g}"),
+                   hu_min=qc["hu_min"], hu_max=qc["hu_max"], label_voxels=qc["label_voxels"],
+                   label_median_hu=round(qc["label_median_hu"], 1),
+                   label_air_fraction=round(qc["label_air_fraction"], 4),
+                   label_fat_fraction=round(qc["label_fat_fraction"], 4))
+        image, label = data["image"], data["label"]
+        row.update(status="ok", notes=redact("; ".join(notes), [data_root]))
+        meta = {"config_hash": chash, "fingerprint": fingerprint}
+        stored = save_cached_case(cache_dir, case.case_id, image.numpy()[0], label.numpy()[0],
+                                  image.affine.numpy(), meta, dtype=cfg.preprocess.cache_dtype)
+        hits = np.flatnonzero(stored["slice_voxels"])
+        row.update(cache_shape=dims(stored["shape"]), cache_spacing=dims(stored["spacing"], "{:.4g}"),
+                   cache_path=relative(case_dir(cache_dir, case.case_id), cache_dir.parent),
+                   pancreas_slices=f"{hits[0]}-{hits[-1]}" if hits.size else "",
+                   pancreas_slice_count=int(hits.size))
+        row["seconds"] = round(time.perf_counter() - start, 2)
+        update_cache_meta(cache_dir, case.case_id, row=row)  # the row makes the entry resumable
+        return row
+    except Exception as err:  # noqa: BLE001 - one broken case must not stop the others
+        excluded = unwrap_exclusion(err)
+        if excluded is not None:
+            reason = str(excluded)
+        else:
+            root = err
+            while root.__cause__ is not None:
+                root = root.__cause__
+            reason = f"error: {type(root).__name__}: {str(root).splitlines()[0] if str(root) else ''}"
+            log.debug("case %s failed", case.case_id, exc_info=True)
+        row.update(status="excluded", reason=redact(reason, [data_root, cache_dir]),
+                   notes=redact("; ".join(notes), [data_root]), seconds=round(time.perf_counter() - start, 2))
+        shutil.rmtree(case_dir(cache_dir, case.case_id), ignore_errors=True)  # never leave a stale "ok" cache
+        return row
+
+
+def _init_worker(threads: int) -> None:
+    import itk
+    import torch
+
+    torch.set_num_threads(threads)
+    itk.MultiThreaderBase.SetGlobalDefaultNumberOfThreads(threads)
+
+
+def prepare_dataset(data_root: str | Path, out_dir: str | Path, *, labels: str | Path | None = None,
+                    layout: str = "auto", pancreas_label: int | list[int] | None = None,
+                    config: DataConfig | str | Path | None = None, workers: int = 1, force: bool = False,
+                    progress: bool = True) -> pd.DataFrame:
+    """Prepare every case under ``data_root`` into ``out_dir`` (``cache/`` + ``manifest.csv``); returns the manifest.
+
+    ``pancreas_label`` overrides the layout's label values (e.g. 7 for TotalSegmentator maps); ``force``
+    ignores existing cache entries; ``workers > 1`` prepares cases in parallel processes.
+    """
+    cfg = config if isinstance(config, DataConfig) else load_data_config(config)
+    validate(cfg)
+    if workers < 1:
+        raise PipelineError(f"--workers must be at least 1, got {workers}")
+    found = discover(data_root, labels=labels, layout=layout, exclude_cases=cfg.exclude_cases)
+    if cfg.labels.require_label:
+        mark_missing_labels(found.cases)
+    if not found.cases:
+        raise DataError(f"no cases found under {found.root} (layout {found.layout})")
+    values = cfg.pancreas_values(found.layout, pancreas_label)
+    chash = config_hash(cfg, values)
+    out_dir = Path(out_dir)
+    cache_dir = out_dir / "cache"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    root = found.root
+    log.info("layout %s: %d case(s), pancreas label value(s) %s, config %s", found.layout, len(found.cases),
+             values, chash)
+
+    from transforms.cache import read_cache_meta
+
+    rows: list[dict[str, Any]] = []
+    todo: list[tuple[CaseSource, str]] = []
+    for case in found.cases:
+        if case.excluded is not None:
+            log.info("%s left out: %s: %s", case.case_id, *case.excluded)
+        fp = source_fingerprint(case) if case.excluded is None else ""
+        meta = None if force or case.excluded is not None else read_cache_meta(cache_dir, case.case_id)
+        if meta and meta.get("config_hash") == chash and meta.get("fingerprint") == fp and "row" in meta:
+            rows.append({**meta["row"], "from_cache": True})
+        else:
+            todo.append((case, fp))
+
+    bar = tqdm(total=len(todo), desc="prepare CT", unit="case", disable=not progress or not todo)
+    if workers == 1 or len(todo) <= 1:
+        for case, fp in todo:
+            bar.set_postfix_str(case.case_id)
+            rows.append(prepare_case(case, cache_dir, cfg, values, chash, root, fp))
+            bar.update()
+    else:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        # spawn, not fork: forking a process whose torch/OpenMP threads already ran can deadlock the child.
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
+                                 initargs=(threads,)) as pool:
+            futures = {pool.submit(prepare_case, case, cache_dir, cfg, values, chash, root, fp): case
+                       for case, fp in todo}
+            for fut in as_completed(futures):
+                case = futures[fut]
+                try:
+                    rows.append(fut.result())
+                except Exception as err:  # noqa: BLE001 - a crashed worker (e.g. killed for memory) excludes its case
+                    row = _base_row(case, root, chash)
+                    row["reason"] = redact(f"error: worker failed: {type(err).__name__}: {err}", [root])
+                    rows.append(row)
+                bar.set_postfix_str(case.case_id)
+                bar.update()
+    bar.close()
+
+    df = to_frame(rows)
+    write_manifest(df, out_dir)
+    return df

@@ -1,0 +1,239 @@
+"""2D (or 2.5D) axial slice samples from the preprocessed store, with pancreas oversampling.
+
+Only the random part runs per sample: one (or ``2 * context_slices + 1``) slices are read from the memory-
+mapped cache, fitted to ``size x size`` and returned as tensors. Which slices an epoch visits is drawn from
+``(seed, epoch)``, so a run is reproducible; call :meth:`CTSliceDataset.set_epoch` between epochs.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from pancreas_gvae.errors import DataError
+from transforms.cache import META_NAME, cache_root, load_cached_case
+
+FIT_MODES = ("resize", "crop")
+
+
+def _ok_cases(root: Path, manifest: pd.DataFrame | str | Path | None) -> dict[str, str | None]:
+    """case id -> expected config hash (None: no manifest, take what the cache holds)."""
+    if manifest is None:
+        return {p.name: None for p in sorted(root.iterdir()) if (p / META_NAME).is_file()}
+    if not isinstance(manifest, pd.DataFrame):
+        from pancreas_gvae.ct.manifest import read_manifest
+
+        manifest = read_manifest(manifest)
+    ok = manifest[manifest["status"] == "ok"]
+    hashes = ok["config_hash"] if "config_hash" in ok else [None] * len(ok)
+    return {str(c): (str(h) if h else None) for c, h in sorted(zip(ok["case_id"], hashes))}
+
+
+def list_slices(cache_dir: str | Path, manifest: pd.DataFrame | str | Path | None = None, *,
+                cases: Iterable[str] | None = None) -> pd.DataFrame:
+    """Every (case, slice) of the ok cases: columns ``case_id, slice, pancreas_voxels, has_pancreas``.
+
+    Reads only ``meta.json`` files. ``cases`` restricts to a subset (split by case, never by slice, so that
+    neighbouring slices of one patient do not end up on both sides of a split).
+    """
+    root = cache_root(cache_dir)
+    expected = _ok_cases(root, manifest)
+    if cases is not None:
+        wanted = set(cases)
+        expected = {c: h for c, h in expected.items() if c in wanted}
+    frames = []
+    for cid, chash in expected.items():
+        meta_path = root / cid / META_NAME
+        if not meta_path.is_file():
+            raise DataError(f"case {cid} is in the manifest but not in the cache {root} (re-run prepare_ct)")
+        meta = json.loads(meta_path.read_text())
+        if chash is not None and meta.get("config_hash") != chash:
+            raise DataError(f"cache of {cid} was made with another config than the manifest says (re-run prepare_ct)")
+        voxels = np.asarray(meta["slice_voxels"], dtype=np.int64)
+        frames.append(pd.DataFrame({"case_id": cid, "slice": np.arange(len(voxels)), "pancreas_voxels": voxels}))
+    if not frames:
+        raise DataError(f"no prepared case in {root}")
+    df = pd.concat(frames, ignore_index=True)
+    df["has_pancreas"] = df["pancreas_voxels"] > 0
+    return df
+
+
+class CTSliceDataset(Dataset):
+    """Axial slice samples ``{"image": (C, size, size) float32 in [0, 1], "label": (1, size, size) float32 0/1}``.
+
+    Args:
+        cache_dir: the prepare output folder or its ``cache/`` sub-folder.
+        manifest: manifest DataFrame or path (only ``ok`` cases are used); None: every cached case.
+        size: output height and width in pixels.
+        pos_fraction: share of samples drawn from slices with pancreas (oversampling); None: every slice once
+            per epoch in random order.
+        context_slices: 2.5D: this many neighbours on each side as extra channels (edges repeat the end slice).
+        seed: with the epoch, decides which slices are visited and every random crop.
+        samples_per_epoch: epoch length; None: the number of slices.
+        cases: restrict to these case ids (the train / validation split).
+        fit: ``resize``: a ``fov_mm`` square around the slice centre (padded), resized to ``size`` (same mm
+            per pixel for every case); ``crop``: a ``size`` patch at cache resolution, centred on a pancreas
+            pixel for pancreas slices (RandCropByPosNegLabeld's rule) and random elsewhere.
+        fov_mm: field of view for ``resize``; None fits the whole slice (longest side), scale then varies.
+    """
+
+    def __init__(self, cache_dir: str | Path, manifest: pd.DataFrame | str | Path | None = None, *,
+                 size: int = 128, pos_fraction: float | None = 0.5, context_slices: int = 0, seed: int = 0,
+                 samples_per_epoch: int | None = None, cases: Iterable[str] | None = None, fit: str = "resize",
+                 fov_mm: float | None = 400.0):
+        if fit not in FIT_MODES:
+            raise ValueError(f"fit must be one of {FIT_MODES}, got {fit!r}")
+        if pos_fraction is not None and not 0.0 <= pos_fraction <= 1.0:
+            raise ValueError(f"pos_fraction must be in [0, 1] or None, got {pos_fraction}")
+        self.root = cache_root(cache_dir)
+        self.slices = list_slices(self.root, manifest, cases=cases)
+        self.case_ids = sorted(self.slices["case_id"].unique())
+        self.size, self.context, self.seed, self.fit, self.fov_mm = int(size), int(context_slices), seed, fit, fov_mm
+        self.pos_fraction = pos_fraction
+        self.samples_per_epoch = samples_per_epoch or len(self.slices)
+        self._pos = np.flatnonzero(self.slices["has_pancreas"].to_numpy())
+        self._neg = np.flatnonzero(~self.slices["has_pancreas"].to_numpy())
+        if pos_fraction and len(self._pos) == 0:
+            raise DataError("pos_fraction > 0 but no slice of the selected cases holds pancreas")
+        self._case_col = self.slices["case_id"].to_numpy()
+        self._slice_col = self.slices["slice"].to_numpy()
+        self._open: dict[str, Any] = {}
+        self.epoch = 0
+        self.order = self._draw(0)
+
+    @classmethod
+    def from_config(cls, cache_dir: str | Path, cfg, manifest: pd.DataFrame | str | Path | None = None, *,
+                    cases: Iterable[str] | None = None, seed: int = 0) -> CTSliceDataset:
+        """The dataset as ``cfg.sampling`` (a :class:`~pancreas_gvae.ct.config.DataConfig`) describes it."""
+        s = cfg.sampling
+        return cls(cache_dir, manifest, size=s.slice_size, pos_fraction=s.pos_fraction,
+                   context_slices=s.context_slices, seed=seed, samples_per_epoch=s.samples_per_epoch,
+                   cases=cases, fit=s.fit, fov_mm=s.fov_mm)
+
+    # -------------------------------------------------------------- epoch plan
+
+    def _draw(self, epoch: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, epoch])
+        n = self.samples_per_epoch
+        if self.pos_fraction is None:
+            base = np.arange(len(self.slices))
+            reps = -(-n // len(base))
+            return np.concatenate([rng.permutation(base) for _ in range(reps)])[:n]
+        n_pos = int(round(self.pos_fraction * n))
+        n_neg = n - n_pos
+        if n_neg and len(self._neg) == 0:
+            n_pos, n_neg = n, 0  # nothing without pancreas to draw from
+        picks = [self._pick(rng, self._pos, n_pos), self._pick(rng, self._neg, n_neg)]
+        return rng.permutation(np.concatenate(picks))
+
+    @staticmethod
+    def _pick(rng: np.random.Generator, pool: np.ndarray, n: int) -> np.ndarray:
+        if n == 0:
+            return np.empty(0, dtype=np.int64)
+        if n <= len(pool):
+            return rng.choice(pool, size=n, replace=False)
+        return np.concatenate([rng.permutation(pool) for _ in range(n // len(pool))] +
+                              [rng.choice(pool, size=n % len(pool), replace=False)])
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw the slices of ``epoch`` (same seed and epoch: same slices, same crops)."""
+        self.epoch = int(epoch)
+        self.order = self._draw(self.epoch)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    # -------------------------------------------------------------- samples
+
+    def _case(self, case_id: str):
+        case = self._open.get(case_id)
+        if case is None:
+            case = self._open[case_id] = load_cached_case(self.root / case_id, mmap=True)
+        return case
+
+    def __getstate__(self):
+        # DataLoader workers reopen the memory maps instead of pickling the arrays.
+        state = dict(self.__dict__)
+        state["_open"] = {}
+        return state
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        row = int(self.order[index])
+        case_id, k = str(self._case_col[row]), int(self._slice_col[row])
+        case = self._case(case_id)
+        depth = case.image.shape[0]
+        ks = np.clip(np.arange(k - self.context, k + self.context + 1), 0, depth - 1)
+        image = torch.from_numpy(np.asarray(case.image[ks], dtype=np.float32))  # (C, rows, cols)
+        label = torch.from_numpy(np.asarray(case.label[k:k + 1], dtype=np.float32))
+        if self.fit == "resize":
+            image, label = self._resize(image, label, case.spacing[1:])
+        else:
+            image, label = self._crop(image, label, index)
+        return {"image": image.contiguous(), "label": label.contiguous(), "case_id": case_id, "slice": k}
+
+    # Plain torch below: MONAI's array transforms cost milliseconds per call on one slice (MetaTensor
+    # bookkeeping), more than the arithmetic; the per-sample path must stay far below the cost of a load.
+
+    def _resize(self, image: torch.Tensor, label: torch.Tensor, spacing) -> tuple[torch.Tensor, torch.Tensor]:
+        return fit_slice(image, label, spacing, self.size, self.fov_mm)
+
+    def _crop(self, image: torch.Tensor, label: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """RandCropByPosNegLabeld's rule in 2D: centre on a random pancreas pixel, or anywhere on other slices."""
+        s = self.size
+        image, label = _center_fit(image, (max(s, image.shape[-2]), max(s, image.shape[-1]))), \
+            _center_fit(label, (max(s, label.shape[-2]), max(s, label.shape[-1])))
+        h, w = image.shape[-2:]
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        fg = torch.nonzero(label[0])
+        if len(fg):
+            cy, cx = (int(v) for v in fg[rng.integers(len(fg))])
+        else:
+            cy, cx = int(rng.integers(h)), int(rng.integers(w))
+        y0 = min(max(cy - s // 2, 0), h - s)
+        x0 = min(max(cx - s // 2, 0), w - s)
+        return image[:, y0:y0 + s, x0:x0 + s], label[:, y0:y0 + s, x0:x0 + s]
+
+
+def fit_slice(image: torch.Tensor, label: torch.Tensor, spacing, size: int,
+              fov_mm: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(C, H, W)`` image and ``(1, H, W)`` mask -> ``size x size``: a centred ``fov_mm`` square (or the whole
+    slice, aspect kept, when ``fov_mm`` is None), area-resized; the mask is thresholded at 0.5."""
+    s = size
+    h, w = image.shape[-2:]
+    if fov_mm:
+        bh, bw = max(1, round(fov_mm / spacing[0])), max(1, round(fov_mm / spacing[1]))
+    else:
+        bh = bw = max(h, w)
+    # Crop what lies inside the box, resize that, then pad the small result: padding the full-resolution
+    # slice first would allocate (and page-fault) megabytes per sample.
+    ch, cw = min(h, bh), min(w, bw)
+    sy, sx = (h - ch) // 2, (w - cw) // 2
+    oh, ow = max(1, round(ch * s / bh)), max(1, round(cw * s / bw))
+    region = (slice(None), slice(sy, sy + ch), slice(sx, sx + cw))
+    img = F.interpolate(image[region][None], size=(oh, ow), mode="area")[0]
+    lab = F.interpolate(label[region][None], size=(oh, ow), mode="area")[0] >= 0.5  # smoother than nearest
+    return _center_fit(img, (s, s)), _center_fit(lab.float(), (s, s))
+
+
+def _center_fit(x: torch.Tensor, box: tuple[int, int]) -> torch.Tensor:
+    """Centre crop and/or zero-pad the last two dims to ``box`` (0 = below the HU window: air / fat)."""
+    h, w = x.shape[-2:]
+    bh, bw = box
+    if (h, w) == (bh, bw):
+        return x
+    out = x.new_zeros((*x.shape[:-2], bh, bw))
+    sy, sx = max((h - bh) // 2, 0), max((w - bw) // 2, 0)  # source offset (crop)
+    dy, dx = max((bh - h) // 2, 0), max((bw - w) // 2, 0)  # destination offset (pad)
+    ch, cw = min(h, bh), min(w, bw)
+    out[..., dy:dy + ch, dx:dx + cw] = x[..., sy:sy + ch, sx:sx + cw]
+    return out
+
+
