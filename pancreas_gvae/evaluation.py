@@ -1,0 +1,265 @@
+"""Issue 5: train GVAE, VAE and GAN with one budget, evaluate them on held-out data, tabulate.
+
+The metric definitions are those of ``/work/shared/GVAE.md`` as implemented in
+:mod:`pancreas_gvae.metrics`; this module only decides *what* each metric is computed on:
+
+- **Held-out data.** MNIST / Fashion-MNIST: the test split of :func:`pancreas_gvae.data.mnist.load_dataset`;
+  a seeded permutation (seed 0, the same for every model and seed) gives ``n_eval`` evaluation images and
+  ``n_val`` disjoint validation images (only for the Parzen bandwidth). CT: the prepared cases are split
+  **by case** (never by slice) into train and held-out cases; held-out slices are every slice of the
+  held-out cases, once, in a seeded order.
+- **Samples** come from the trainer's EMA generator (``Trainer.ema_generator``, the sampling network of
+  the project), ``sigmoid(G(z))``, ``z ~ N(0, I)`` seeded by the run seed, as many as evaluation images.
+- **Encoder metrics** (reconstruction, ELBO, KL, IWAE) use the live encoder and generator in ``eval()``
+  mode (the pair that was trained together); reconstructions decode the posterior mean.
+- **Image metrics on CT** (pixel MMD, SSIM, MS-SSIM, MSE/L1 in HU, Parzen, memorisation, features) use
+  the CT channel only; the pancreas-mask channel enters the likelihood metrics (ELBO, IWAE) only.
+- **Likelihoods.** MNIST / Fashion: Bernoulli decoder on binarised held-out images (stochastic
+  binarisation, seed 0), so IWAE and ELBO are log-likelihood bounds in nats per image. CT: Gaussian decoder
+  with fixed sigma (``loss.gaussian_sigma``) on all channels: a density on continuous pixels, only
+  comparable between models at the same sigma. Parzen-window log-likelihood (pixels, bandwidth chosen on
+  the validation images) is computed for **every** model from its samples, so that one likelihood-like
+  column exists for the GAN; its known weakness is in :mod:`pancreas_gvae.metrics.likelihood`.
+- **Feature space.** MNIST / Fashion: the in-project :class:`~pancreas_gvae.metrics.SmallClassifier`
+  trained on the training split (its features for MMD/FID/KID/precision/recall, its logits for mode
+  coverage). CT: the in-project :class:`~pancreas_gvae.metrics.SliceAutoencoder` trained on the
+  training cases' slices (CT channel). One network per dataset invocation, shared by every model and
+  seed; values are relative, comparable only under that network.
+
+Metrics that do not apply (ELBO, KL, IWAE, reconstruction for the GAN; mode coverage on CT) are left
+blank (NaN in memory, empty in the CSV), never zero.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, NamedTuple
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pancreas_gvae import metrics as M
+
+
+class MetricSpec(NamedTuple):
+    column: str
+    higher_is_better: bool
+    label: str
+    encoder_only: bool = False
+
+
+# Column order of results.csv; direction used for "best" in results.md.
+METRICS: tuple[MetricSpec, ...] = (
+    MetricSpec("mmd2_pixel", False, "MMD² pixel"),
+    MetricSpec("mmd2_feature", False, "MMD² feature"),
+    MetricSpec("recon_ssim", True, "recon SSIM", True),
+    MetricSpec("diversity_ms_ssim", False, "MS-SSIM among samples (diversity)"),
+    MetricSpec("loglik_iwae_nats", True, "log-lik IWAE (nats)", True),
+    MetricSpec("loglik_parzen_nats", True, "log-lik Parzen (nats)"),
+    MetricSpec("recon_mse", False, "recon MSE", True),
+    MetricSpec("recon_l1", False, "recon L1", True),
+    MetricSpec("elbo_nats", True, "ELBO (nats)", True),
+    MetricSpec("kl_nats", False, "KL (nats)", True),
+    MetricSpec("fid_feature", False, "Fréchet distance (features)"),
+    MetricSpec("kid_feature", False, "kernel distance (features)"),
+    MetricSpec("precision", True, "precision"),
+    MetricSpec("recall", True, "recall"),
+    MetricSpec("modes_covered", True, "modes covered (of 10)"),
+    MetricSpec("mode_kl_to_real", False, "KL(sample classes ‖ real classes)"),
+    MetricSpec("memo_near_copy_frac", False, "near-copy fraction"),
+    MetricSpec("memo_median_nn_ratio", True, "median NN-distance ratio"),
+)
+METRIC_COLUMNS = [m.column for m in METRICS]
+ID_COLUMNS = ["dataset", "model", "seed"]
+INFO_COLUMNS = ["steps", "batch_size", "n_eval", "n_samples", "iwae_k", "likelihood", "recon_units",
+                "feature_net", "run_id", "train_seconds", "eval_seconds"]
+COLUMNS = ID_COLUMNS + METRIC_COLUMNS + INFO_COLUMNS
+
+
+@dataclass
+class EvalData:
+    """Everything a model is evaluated against; the same object for every model and seed of a dataset."""
+
+    dataset: str
+    test: torch.Tensor  # (n_eval, C, H, W) held-out, [0, 1]
+    val: torch.Tensor  # disjoint held-out images for the Parzen bandwidth
+    memo_train: torch.Tensor  # training images for the memorisation check
+    feature_fn: Callable[[torch.Tensor], torch.Tensor]  # image channel(s) -> (B, F)
+    feature_net: str  # description for the table
+    logits_fn: Callable[[torch.Tensor], torch.Tensor] | None = None  # mode coverage (labelled data)
+    num_classes: int = 0
+    image_channels: slice = field(default_factory=lambda: slice(None))  # CT: slice(0, 1)
+    window: tuple[float, float] | None = None  # HU window for reconstruction errors (CT)
+    likelihood: str = "bernoulli"  # bernoulli (binarised images) | gaussian
+    sigma: float = 0.1
+    notes: dict[str, str] = field(default_factory=dict)
+
+    def img(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, self.image_channels]
+
+
+@torch.no_grad()
+def _batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    return torch.cat([fn(x[i:i + batch_size]) for i in range(0, x.shape[0], batch_size)])
+
+
+@torch.no_grad()
+def generate_samples(generator: torch.nn.Module, n: int, latent_dim: int, *, seed: int,
+                     device: torch.device | str = "cpu", batch_size: int = 500) -> torch.Tensor:
+    """``sigmoid(G(z))`` for ``n`` seeded draws ``z ~ N(0, I)``; on the CPU."""
+    was_training = generator.training
+    generator.eval()
+    g = torch.Generator().manual_seed(int(seed) * 7919 + 17)
+    z = torch.randn(n, latent_dim, generator=g)
+    out = _batched(lambda zb: torch.sigmoid(generator(zb.to(device))).float().cpu(), z, batch_size)
+    generator.train(was_training)
+    return out
+
+
+def _mean(t: torch.Tensor) -> float:
+    return float(t.double().mean())
+
+
+def evaluate_model(model, ema_generator: torch.nn.Module, data: EvalData, *, latent_dim: int, seed: int,
+                   iwae_k: int = 100, device: torch.device | str = "cpu") -> dict[str, float]:
+    """All metric columns for one trained model (NaN where a metric does not apply)."""
+    row = {c: math.nan for c in METRIC_COLUMNS}
+    test, n = data.test, data.test.shape[0]
+    samples = generate_samples(ema_generator, n, latent_dim, seed=seed, device=device)
+    ti, si = data.img(test), data.img(samples)
+
+    # Sample quality and diversity (every model).
+    row["mmd2_pixel"] = float(M.mmd2_gaussian(ti, si, seed=0))
+    f_real = M.extract_features(data.feature_fn, ti)
+    f_fake = M.extract_features(data.feature_fn, si)
+    row["mmd2_feature"] = float(M.mmd2_gaussian(f_real, f_fake, seed=0))
+    row["fid_feature"] = M.frechet_distance_features(f_real, f_fake)
+    row["kid_feature"] = M.kernel_distance(f_real, f_fake, n_subsets=50, subset_size=min(1000, n), seed=0).mean
+    pr = M.precision_recall(f_real, f_fake, k=3)
+    row["precision"], row["recall"] = pr.precision, pr.recall
+    row["diversity_ms_ssim"] = _mean(M.ms_ssim_diversity(si, n_pairs=min(1000, n * (n - 1) // 2), seed=0))
+    if data.logits_fn is not None:
+        ref = M.class_histogram(M.extract_features(data.logits_fn, ti), data.num_classes)
+        mc = M.mode_coverage(M.extract_features(data.logits_fn, si), num_classes=data.num_classes, reference=ref)
+        row["modes_covered"], row["mode_kl_to_real"] = float(mc.n_covered), float(mc.kl_to_reference)
+    memo = M.memorisation_check(si, data.img(data.memo_train), heldout=ti, seed=0)
+    row["memo_near_copy_frac"] = _mean(memo.near_copy.float())
+    row["memo_median_nn_ratio"] = float(memo.pixel.ratios.median())
+    parzen = M.parzen_estimate(ti, data.img(data.val), si)
+    row["loglik_parzen_nats"] = _mean(parzen.log_likelihood)
+
+    # Encoder metrics (GVAE, VAE).
+    if getattr(model, "encoder", None) is not None:
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            def encode(x):
+                mu, logvar = model.encode(x.to(device))
+                return mu.float().cpu(), logvar.float().cpu()
+
+            if data.likelihood == "bernoulli":
+                x_lik = M.binarize(test, seed=0)
+                decode = lambda z: model.decode_logits(z.to(device)).float().cpu()  # noqa: E731
+            else:
+                x_lik = test
+                decode = lambda z: model.decode(z.to(device)).float().cpu()  # noqa: E731
+            recon = _batched(lambda x: model.reconstruct(x.to(device)).float().cpu(), test)
+            ri = data.img(recon)
+            row["recon_ssim"] = _mean(M.reconstruction_ssim(ti, ri))
+            err = M.reconstruction_error(ti, ri, window=data.window)
+            row["recon_mse"], row["recon_l1"] = _mean(err.mse), _mean(err.l1)
+            terms = M.elbo(x_lik, encode, decode, likelihood=data.likelihood, sigma=data.sigma, seed=0)
+            row["elbo_nats"], row["kl_nats"] = _mean(terms.elbo), _mean(terms.kl)
+            row["loglik_iwae_nats"] = _mean(M.iwae_bound(x_lik, encode, decode, k=iwae_k,
+                                                          likelihood=data.likelihood, sigma=data.sigma, seed=0))
+        model.train(was_training)
+    return row
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def results_frame(rows: list[dict]) -> pd.DataFrame:
+    """Rows as a frame with every column of :data:`COLUMNS` (missing metrics NaN)."""
+    frame = pd.DataFrame(rows)
+    for c in COLUMNS:
+        if c not in frame.columns:
+            frame[c] = math.nan
+    extra = [c for c in frame.columns if c not in COLUMNS]
+    return frame[COLUMNS + extra]
+
+
+def summarise(frame: pd.DataFrame) -> pd.DataFrame:
+    """Mean, sd and n per (dataset, model) for every metric column; NaN cells are not counted."""
+    out = []
+    for (dataset, model), g in frame.groupby(["dataset", "model"], sort=False):
+        rec = {"dataset": dataset, "model": model, "seeds": len(g)}
+        for c in METRIC_COLUMNS:
+            v = pd.to_numeric(g[c], errors="coerce").dropna() if c in g else pd.Series(dtype=float)
+            rec[f"{c}:mean"] = float(v.mean()) if len(v) else math.nan
+            rec[f"{c}:sd"] = float(v.std(ddof=1)) if len(v) > 1 else math.nan
+            rec[f"{c}:n"] = int(len(v))
+        out.append(rec)
+    return pd.DataFrame(out)
+
+
+def best_per_column(summary: pd.DataFrame) -> dict[tuple[str, str], set[str]]:
+    """``{(dataset, column): {best model(s)}}`` by mean, in each metric's direction (ties all best)."""
+    best: dict[tuple[str, str], set[str]] = {}
+    for dataset, g in summary.groupby("dataset", sort=False):
+        for spec in METRICS:
+            means = g.set_index("model")[f"{spec.column}:mean"].dropna()
+            if means.empty:
+                continue
+            target = means.max() if spec.higher_is_better else means.min()
+            best[(dataset, spec.column)] = set(means[np.isclose(means, target, rtol=1e-12, atol=0)].index)
+    return best
+
+
+def _fmt(x: float) -> str:
+    if x is None or not np.isfinite(x):
+        return "inf" if x is not None and np.isinf(x) else ""
+    a = abs(x)
+    if a != 0 and (a >= 1e4 or a < 1e-3):
+        return f"{x:.3g}"
+    if a >= 100:
+        return f"{x:.1f}"
+    return f"{x:.4f}" if a < 1 else f"{x:.3f}"
+
+
+def render_markdown(frame: pd.DataFrame, *, title: str = "Results", notes: list[str] | None = None) -> str:
+    """results.md: one table per dataset, rows = models, cells ``mean ± sd (n)``, best per column in bold."""
+    summary = summarise(frame)
+    best = best_per_column(summary)
+    lines = [f"# {title}", ""]
+    lines += ["Cells: mean ± sd over seeds (n = number of seeds with a value; sd blank for n = 1). "
+              "**Bold**: best model in the column (by mean, in the stated direction). "
+              "Blank: the metric does not apply to the model.", ""]
+    lines += [f"- {n}" for n in (notes or [])]
+    if notes:
+        lines.append("")
+    directions = ", ".join(f"{m.column} {'↑' if m.higher_is_better else '↓'}" for m in METRICS)
+    lines += [f"Directions: {directions}.", ""]
+    for dataset, g in summary.groupby("dataset", sort=False):
+        cols = [m for m in METRICS if g[f"{m.column}:n"].sum() > 0]
+        lines += [f"## {dataset}", ""]
+        header = ["model", "seeds"] + [f"{m.column} {'↑' if m.higher_is_better else '↓'}" for m in cols]
+        lines.append("| " + " | ".join(header) + " |")
+        lines.append("|" + "|".join(["---"] * len(header)) + "|")
+        for _, r in g.iterrows():
+            cells = [str(r["model"]), str(int(r["seeds"]))]
+            for m in cols:
+                n = int(r[f"{m.column}:n"])
+                if n == 0:
+                    cells.append("")
+                    continue
+                mean, sd = r[f"{m.column}:mean"], r[f"{m.column}:sd"]
+                cell = _fmt(mean) + (f" ± {_fmt(sd)}" if n > 1 else "") + f" (n={n})"
+                if r["model"] in best.get((dataset, m.column), set()):
+                    cell = f"**{cell}**"
+                cells.append(cell)
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)

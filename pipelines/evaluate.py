@@ -1,0 +1,264 @@
+"""Issue 5: train GVAE, VAE and GAN with the same budget and compare them on held-out data.
+
+    python pipelines/evaluate.py --dataset mnist --data-dir ../shared/data/mnist \\
+        --models gvae,vae,gan --seeds 0,1,2 --steps 300 --out outputs/eval/mnist
+    python pipelines/evaluate.py --dataset ct --models gvae,vae,gan --seeds 0 --steps 200 --out outputs/eval/ct
+    python pipelines/evaluate.py --dataset ct --data-root ../shared/data/ct --layout folder --pancreas-label 7 ...
+
+Every model is trained by ``train_run`` (same steps, batch size and config; one MLflow run each),
+nested under one parent MLflow run ("evaluation") that holds the results table. Writes
+OUT/results.csv (one row per model and seed) and OUT/results.md (mean ± sd per model, best marked).
+Metric definitions and what each is computed on: ``pancreas_gvae/evaluation.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pancreas_gvae import metrics as M
+from pancreas_gvae.config import MODEL_KINDS, load_config
+from pancreas_gvae.errors import PipelineError, run_cli
+from pancreas_gvae.evaluation import EvalData, evaluate_model, render_markdown, results_frame
+from pancreas_gvae.training.run import train_run
+
+REPO = Path(__file__).resolve().parents[1]
+EXPERIMENT = "pancreas-gvae-evaluation"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", choices=["mnist", "fashion-mnist", "ct"], required=True)
+    p.add_argument("--models", default="gvae,vae,gan", help="comma-separated subset of " + ",".join(MODEL_KINDS))
+    p.add_argument("--seeds", default="0", help="comma-separated training seeds")
+    p.add_argument("--steps", type=int, required=True, help="training steps, the same for every model")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--config", type=Path, help="default: configs/mnist.yaml or configs/ct_64.yaml")
+    p.add_argument("--data-dir", type=Path, help="MNIST / Fashion-MNIST IDX folder")
+    p.add_argument("--data-root", type=Path, help="CT data; default: a phantom cohort under OUT/phantom")
+    p.add_argument("--layout", choices=["auto", "tcia", "msd", "folder"], default="auto")
+    p.add_argument("--labels", type=Path)
+    p.add_argument("--pancreas-label", type=int)
+    p.add_argument("--test-fraction", type=float, default=1 / 3, help="CT: share of cases held out (>= 1 case)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the config's, sqlite:///mlflow.db)")
+    p.add_argument("--experiment", default=EXPERIMENT)
+    p.add_argument("--n-eval", type=int, default=1000, help="held-out images evaluated (and samples drawn)")
+    p.add_argument("--n-val", type=int, help="held-out images for the Parzen bandwidth (default n-eval/2)")
+    p.add_argument("--n-memo", type=int, default=20000, help="training images searched for near-copies")
+    p.add_argument("--iwae-k", type=int, default=100, help="importance samples of the IWAE bound")
+    p.add_argument("--feature-steps", type=int, default=300, help="training steps of the feature network")
+    p.add_argument("--log-model", action="store_true", help="also log each generator as an MLflow model")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    return p.parse_args(argv)
+
+
+def _ints(text: str) -> list[int]:
+    return [int(s) for s in text.split(",") if s.strip()]
+
+
+def _models(text: str) -> list[str]:
+    models = [s.strip() for s in text.split(",") if s.strip()]
+    bad = [m for m in models if m not in MODEL_KINDS]
+    if bad or not models:
+        raise PipelineError(f"--models: unknown {bad or '(empty)'}; choose from {', '.join(MODEL_KINDS)}")
+    return models
+
+
+def _overrides(args: argparse.Namespace, model: str, seed: int) -> list[str]:
+    pairs = {"model.kind": model, "train.steps": args.steps, "train.seed": seed, "train.batch_size": args.batch_size,
+             "train.device": "cpu" if not torch.cuda.is_available() else None,
+             "tracking.tracking_uri": args.tracking_uri, "tracking.experiment": args.experiment,
+             "tracking.log_model": args.log_model, "tracking.system_metrics": False}
+    extra = [f"data.dataset={args.dataset}"] if args.dataset != "ct" else []
+    return [f"{k}={v}" for k, v in pairs.items() if v is not None] + extra + args.overrides
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _mnist(args: argparse.Namespace):
+    from pancreas_gvae.data.mnist import load_dataset, to_tensor
+    from pancreas_gvae.training.batches import TensorBatches
+
+    if args.data_dir is None:
+        raise PipelineError("--data-dir is required for mnist / fashion-mnist")
+    splits = load_dataset(args.data_dir, args.dataset)
+    train = to_tensor(splits["train"].images)
+    train_y = torch.from_numpy(np.asarray(splits["train"].labels, dtype=np.int64))
+    test_all = to_tensor(splits["test"].images)
+    perm = torch.randperm(len(test_all), generator=torch.Generator().manual_seed(0))
+    n_eval, n_val = _split_sizes(args, len(test_all))
+    test, val = test_all[perm[:n_eval]], test_all[perm[n_eval:n_eval + n_val]]
+    t0 = time.perf_counter()
+    clf = M.train_classifier(train, train_y, steps=args.feature_steps, seed=0, num_classes=10)
+    test_y = torch.from_numpy(np.asarray(splits["test"].labels, dtype=np.int64))
+    acc = M.accuracy(clf, test_all, test_y)
+    feature_net = f"SmallClassifier ({args.feature_steps} steps, seed 0, test acc {acc:.3f})"
+    print(f"{args.dataset}: {len(train)} train, {n_eval} eval + {n_val} val held-out; feature net: {feature_net} "
+          f"in {time.perf_counter() - t0:.0f} s")
+    memo = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(1))[:args.n_memo]]
+    data = EvalData(args.dataset, test=test, val=val, memo_train=memo, feature_fn=clf.features,
+                    feature_net=feature_net, logits_fn=clf.logits, num_classes=10, likelihood="bernoulli",
+                    notes={"held_out": f"test split ({splits['test'].source}), seeded subset",
+                           "memorisation_reference": f"{len(memo)} of {len(train)} training images"})
+    return data, (lambda cfg: TensorBatches(train, batch_size=cfg.train.batch_size, seed=cfg.train.seed)), test
+
+
+def _split_sizes(args: argparse.Namespace, available: int) -> tuple[int, int]:
+    """(evaluation, Parzen-validation) sizes; when too few held-out images exist, 2/3 and 1/3 of them."""
+    n_eval = args.n_eval
+    n_val = args.n_val or max(2, n_eval // 2)
+    if n_eval + n_val > available:
+        if available < 6:
+            raise PipelineError(f"only {available} held-out images/slices: too few to evaluate")
+        n_eval = min(n_eval, available * 2 // 3)
+        n_val = min(n_val, available - n_eval)
+    return n_eval, n_val
+
+
+def _take(ds, n: int) -> torch.Tensor:
+    from pancreas_gvae.training.ct import batch_to_input
+
+    ds.pos_fraction = None  # every slice once, in a seeded order
+    ds.samples_per_epoch = len(ds.slices)
+    ds.set_epoch(0)
+    n = min(n, len(ds))
+    return torch.stack([batch_to_input({k: v[None] for k, v in ds[i].items() if k in ("image", "label")})[0]
+                        for i in range(n)])
+
+
+def _ct(args: argparse.Namespace, cfg):
+    from pancreas_gvae.training import ct
+    from transforms.slice_dataset import CTSliceDataset
+
+    data_cfg = ct.data_config(cfg)
+    ct.check_model_matches_data(cfg, data_cfg)
+    data_root = args.data_root or args.out / "phantom"
+    if args.data_root is None:
+        ct.ensure_phantom(data_root, cfg.data.get("phantom", {}))
+    prepared = args.out / "prepared"
+    manifest = ct.prepare(data_root, prepared, data_cfg, labels=args.labels, layout=args.layout,
+                          pancreas_label=args.pancreas_label, workers=1)
+    cases = sorted(manifest.loc[manifest["status"] == "ok", "case_id"].astype(str))
+    if len(cases) < 2:
+        raise PipelineError(f"a held-out split by case needs >= 2 usable cases; {len(cases)} under {data_root}")
+    rng = np.random.default_rng(0)
+    order = [cases[i] for i in rng.permutation(len(cases))]
+    n_test = min(len(cases) - 1, max(1, round(args.test_fraction * len(cases))))
+    test_cases, train_cases = sorted(order[:n_test]), sorted(order[n_test:])
+    man_train = manifest[manifest["case_id"].astype(str).isin(train_cases)]
+    man_test = manifest[manifest["case_id"].astype(str).isin(test_cases)]
+    held = _take(CTSliceDataset.from_config(prepared, data_cfg, man_test, seed=0), 10**9)
+    held = held[torch.randperm(len(held), generator=torch.Generator().manual_seed(0))]
+    n_eval, n_val = _split_sizes(args, len(held))
+    test, val = held[:n_eval], held[n_eval:n_eval + n_val]
+    train_slices = _take(CTSliceDataset.from_config(prepared, data_cfg, man_train, seed=0), args.n_memo)
+    t0 = time.perf_counter()
+    ae = M.train_slice_autoencoder(train_slices[:, :1], steps=args.feature_steps, seed=0)
+    feature_net = f"SliceAutoencoder ({args.feature_steps} steps, seed 0, {len(train_slices)} train-case slices)"
+    print(f"ct: {len(train_cases)} train case(s), {len(test_cases)} held-out case(s); {n_eval} eval + {n_val} val "
+          f"held-out slices; feature net {feature_net} in {time.perf_counter() - t0:.0f} s")
+    data = EvalData("ct" if args.data_root else "ct-phantom", test=test, val=val, memo_train=train_slices,
+                    feature_fn=ae.features, feature_net=feature_net, image_channels=slice(0, 1),
+                    window=tuple(data_cfg.preprocess.hu_window), likelihood="gaussian",
+                    sigma=float(cfg.loss.gaussian_sigma),
+                    notes={"held_out": f"{len(test_cases)} held-out case(s) of {len(cases)} (split by case, seed 0)",
+                           "train_cases": str(len(train_cases)),
+                           "memorisation_reference": f"{len(train_slices)} slices of the training cases"})
+    return data, (lambda c: ct.slice_batches(prepared, man_train, data_cfg, c)), test
+
+
+# --------------------------------------------------------------------------- main
+
+
+def _log_child(client, run_id: str, row: dict) -> None:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = [Metric(f"eval/{k}", float(v), now, 0) for k, v in row.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
+               and k not in ("seed", "steps", "batch_size")]
+    client.log_batch(run_id, metrics=metrics)
+
+
+@run_cli
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    models, seeds = _models(args.models), _ints(args.seeds)
+    if not seeds:
+        raise PipelineError("--seeds: give at least one seed")
+    default_cfg = REPO / "configs" / ("ct_64.yaml" if args.dataset == "ct" else "mnist.yaml")
+    config = args.config or default_cfg
+    base_cfg = load_config(config, _overrides(args, models[0], seeds[0]))
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    data, make_batches, preview = _ct(args, base_cfg) if args.dataset == "ct" else _mnist(args)
+
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    uri = base_cfg.tracking.tracking_uri
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(args.experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(args.experiment)
+    parent = client.create_run(exp_id, run_name=f"evaluation-{data.dataset}",
+                               tags={"dataset": data.dataset, "kind": "evaluation"})
+    parent_id = parent.info.run_id
+    params = {"dataset": data.dataset, "models": ",".join(models), "seeds": ",".join(map(str, seeds)),
+              "steps": args.steps, "batch_size": base_cfg.train.batch_size, "config": str(config),
+              "n_eval": len(data.test), "n_val": len(data.val), "iwae_k": args.iwae_k,
+              "feature_net": data.feature_net, "likelihood": data.likelihood, **data.notes}
+    for k, v in params.items():
+        client.log_param(parent_id, k, str(v)[:500])
+    print(f"MLflow parent run {parent_id} in {uri} (experiment {args.experiment})")
+
+    rows, status = [], "FAILED"
+    try:
+        for model in models:
+            for seed in seeds:
+                cfg = load_config(config, _overrides(args, model, seed))
+                name = f"{model}-{data.dataset}-s{seed}"
+                print(f"== training {name}: {cfg.train.steps} steps, batch {cfg.train.batch_size}", flush=True)
+                res = train_run(cfg, make_batches(cfg), preview[: cfg.train.num_samples], out_dir=args.out / "runs" / name,
+                                run_name=name, tags={"dataset": data.dataset, "model": model, "seed": str(seed),
+                                                     "mlflow.parentRunId": parent_id}, progress=False)
+                t0 = time.perf_counter()
+                metrics = evaluate_model(res.trainer.model, res.trainer.ema_generator, data,
+                                         latent_dim=cfg.model.latent_dim, seed=seed, iwae_k=args.iwae_k,
+                                         device=res.trainer.device)
+                row = {"dataset": data.dataset, "model": model, "seed": seed, **metrics,
+                       "steps": cfg.train.steps, "batch_size": cfg.train.batch_size, "n_eval": len(data.test),
+                       "n_samples": len(data.test), "iwae_k": args.iwae_k if model != "gan" else math.nan,
+                       "likelihood": (f"{data.likelihood} (binarised)" if data.likelihood == "bernoulli"
+                                      else f"gaussian sigma={data.sigma}"),
+                       "recon_units": "HU" if data.window else "[0,1] pixel", "feature_net": data.feature_net,
+                       "run_id": res.run_id, "train_seconds": round(res.seconds, 1),
+                       "eval_seconds": round(time.perf_counter() - t0, 1)}
+                mlflow.set_tracking_uri(uri)
+                _log_child(MlflowClient(tracking_uri=res.tracking_uri or uri), res.run_id, row)
+                rows.append(row)
+                print(f"   trained {res.seconds:.0f} s, evaluated {row['eval_seconds']:.0f} s: "
+                      + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if math.isfinite(v)), flush=True)
+                frame = results_frame(rows)
+                frame.to_csv(args.out / "results.csv", index=False)  # partial table survives an interruption
+        notes = [f"{k}: {v}" for k, v in params.items()]
+        md = render_markdown(frame, title=f"Evaluation: {data.dataset}", notes=notes)
+        (args.out / "results.md").write_text(md)
+        for f in ("results.csv", "results.md"):
+            client.log_artifact(parent_id, str(args.out / f))
+        status = "FINISHED"
+    finally:
+        client.set_terminated(parent_id, status=status)
+    print(md)
+    print(f"wrote {args.out / 'results.csv'} and {args.out / 'results.md'}; MLflow parent run {parent_id}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
