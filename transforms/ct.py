@@ -8,7 +8,7 @@ Deterministic chain (:func:`build_preprocess_chain`), on ``{"image": <ordered DI
     PairLabeld         label values -> pancreas mask, extent check, resample onto the image grid in WORLD space
     CheckLabelHUd      HU under the mask must be soft tissue (catches a mis-paired label)
     Orientationd       RAS
-    CropForegroundd    body box: voxels above ``body_threshold_hu`` plus a margin
+    BodyCropd          body box (CropForegroundd's box, computed faster): voxels above ``body_threshold_hu`` + margin
     SeparableSpacingd  target spacing (mm), linear for the image, nearest for the mask
     ScaleIntensityRanged  HU window -> [0, 1], clipped
 
@@ -32,12 +32,12 @@ from monai.config import KeysCollection
 from monai.data import ITKReader, MetaTensor
 from monai.transforms import (
     Compose,
-    CropForegroundd,
     EnsureTyped,
     MapTransform,
     Orientationd,
     RandCropByPosNegLabeld,
     ScaleIntensityRanged,
+    SpatialCropd,
     SpatialPadd,
 )
 from monai.utils import ensure_tuple
@@ -283,14 +283,39 @@ class SeparableSpacingd(MapTransform):
         return d
 
 
-class _Above:
-    """Picklable ``select_fn`` for CropForegroundd: voxels above a HU threshold (the body, the table)."""
+def body_box(hu: np.ndarray, threshold: float, margin: int) -> list[slice]:
+    """Bounding box (slices per axis) of the voxels above ``threshold`` (the body, and the table), plus a margin.
 
-    def __init__(self, threshold: float):
-        self.threshold = threshold
+    The same box as MONAI's CropForegroundd, from two passes in memory order: its per-axis ``any`` over a
+    strided 512x512x250 mask took ~1 s here, these projections a tenth of that.
+    """
+    above = hu > threshold
+    flipped = above.strides[0] < above.strides[-1]
+    m = above.T if flipped else above  # C-ordered view
+    plane = m.any(axis=0)
+    proj = [m.any(axis=(1, 2)), plane.any(axis=1), plane.any(axis=0)]
+    if flipped:
+        proj = proj[::-1]
+    box = []
+    for p in proj:
+        hits = np.flatnonzero(p)
+        if hits.size == 0:
+            raise CaseExcluded("implausible_hu", f"no voxel above {threshold:g} HU: no body to crop")
+        box.append(slice(max(int(hits[0]) - margin, 0), min(int(hits[-1]) + 1 + margin, len(p))))
+    return box
 
-    def __call__(self, x):
-        return x > self.threshold
+
+class BodyCropd(MapTransform):
+    """Crop every key to :func:`body_box` of ``source_key`` (MONAI SpatialCropd does the cropping)."""
+
+    def __init__(self, keys: KeysCollection, source_key: str, threshold: float, margin: int):
+        super().__init__(keys)
+        self.source_key, self.threshold, self.margin = source_key, threshold, margin
+
+    def __call__(self, data):
+        d = dict(data)
+        box = body_box(d[self.source_key].numpy()[0], self.threshold, self.margin)
+        return SpatialCropd(self.keys, roi_slices=box)(d)
 
 
 def build_preprocess_chain(cfg: DataConfig, pancreas_values: Sequence[int]) -> Compose:
@@ -303,8 +328,7 @@ def build_preprocess_chain(cfg: DataConfig, pancreas_values: Sequence[int]) -> C
         PairLabeld(pancreas_values, cfg.checks.extent_tolerance_mm),
         CheckLabelHUd(cfg.checks),
         Orientationd(keys, axcodes=p.orientation, labels=_AXIS_LABELS),
-        CropForegroundd(keys, source_key="image", select_fn=_Above(p.body_threshold_hu), margin=p.body_margin,
-                        allow_smaller=True),
+        BodyCropd(keys, source_key="image", threshold=p.body_threshold_hu, margin=p.body_margin),
         SeparableSpacingd(keys, p.spacing, mode=("linear", "nearest")),
         ScaleIntensityRanged("image", a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True),
     ])

@@ -73,12 +73,13 @@ def format_summary(df: pd.DataFrame) -> str:
     ok = df[df["status"] == "ok"]
     excluded = df[df["status"] != "ok"]
     lines = [f"{len(df)} case(s): {len(ok)} ok, {len(excluded)} excluded"
-             f" ({int(ok['from_cache'].astype(bool).sum()) if len(ok) else 0} reused from the cache)"]
+             f" ({int(ok['from_cache'].astype(str).str.lower().isin(['true', '1']).sum())} reused from the cache)"]
     if len(ok):
         table = ok[["case_id", "shape", "spacing", "vendor", "label_voxels", "label_median_hu",
                     "pancreas_slices", "cache_shape"]].copy()
-        table["label_median_hu"] = table["label_median_hu"].map(lambda v: f"{float(v):.0f}")
-        table["label_voxels"] = table["label_voxels"].map(lambda v: f"{int(v)}")
+        table["label_median_hu"] = table["label_median_hu"].map(lambda v: f"{float(v):.0f}" if v != "" else "")
+        # float() first: a manifest read back from CSV with excluded rows holds "226.0" and "".
+        table["label_voxels"] = table["label_voxels"].map(lambda v: f"{int(float(v))}" if v != "" else "")
         lines.append(table.fillna("").to_string(index=False))
     if len(excluded):
         lines.append("excluded:")

@@ -90,6 +90,24 @@ def test_label_resampling_fast_path_equals_scipy_path():
     assert (slow != label).mean() < 0.02
 
 
+@pytest.mark.parametrize("slice_major", [False, True])
+def test_body_crop_gives_cropforegroundds_box(slice_major):
+    from monai.transforms import CropForegroundd
+
+    from transforms.ct import BodyCropd
+
+    vol = np.full((40, 60, 50), -1000.0, dtype=np.float32)
+    vol[5:30, 10:50, 7:44] = 40.0
+    vol[2, 3, 4] = 100.0  # a stray bright voxel widens the box, as it does for MONAI
+    arr = np.ascontiguousarray(vol.T).T if slice_major else vol  # same values, (k, j, i) memory order
+    img = MetaTensor(torch.from_numpy(arr)[None], affine=np.diag([0.8, 0.8, 2.0, 1.0]))
+    ref = CropForegroundd(["image"], source_key="image", select_fn=lambda v: v > -500, margin=4,
+                          allow_smaller=True)({"image": img})["image"]
+    ours = BodyCropd(["image"], "image", -500, 4)({"image": img})["image"]
+    assert torch.equal(ours.as_tensor(), ref.as_tensor())
+    np.testing.assert_allclose(ours.affine.numpy(), ref.affine.numpy())
+
+
 def test_store_layout_keeps_world_coordinates():
     vol = np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6)
     aff = np.diag([0.9, 0.8, 2.0, 1.0])
