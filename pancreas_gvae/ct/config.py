@@ -146,6 +146,16 @@ def validate(cfg: DataConfig) -> None:
         raise PipelineError(f"sampling.pos_fraction must be in [0, 1] or null, got {s.pos_fraction}")
 
 
+def slice_spacing_mm(cfg: DataConfig) -> tuple[float, float] | None:
+    """(x, y) mm per pixel of the sampled 2D slices: ``fov_mm / slice_size`` for ``fit=resize`` with a field of
+    view, the cache's in-plane spacing for ``fit=crop``; ``None`` where it varies per case."""
+    s = cfg.sampling
+    if s.fit == "resize":
+        return (float(s.fov_mm) / s.slice_size,) * 2 if s.fov_mm else None
+    x, y = cfg.preprocess.spacing[:2]
+    return (float(x), float(y)) if x and y else None
+
+
 def config_hash(cfg: DataConfig, pancreas_values: list[int]) -> str:
     """Short hash of everything that decides a cached case: checks, preprocessing, label mapping, format."""
     payload = {

@@ -115,21 +115,16 @@ def infer_geometry(config: Config) -> Geometry:
     """
     if "ct" not in (config.data or {}):
         return Geometry(None, None, ())
-    from pancreas_gvae.training.ct import data_config  # the CT data layer; not needed for MNIST
+    from pancreas_gvae.ct.config import slice_spacing_mm  # the CT data layer; not needed for MNIST
+    from pancreas_gvae.training.ct import data_config
 
     data = data_config(config)
     lo, hi = (float(v) for v in data.preprocess.hu_window)
     notes = [f"window [{lo:g}, {hi:g}] HU from data.ct.preprocess.hu_window"]
-    spacing = None
-    s, xy = data.sampling, list(data.preprocess.spacing[:2])
-    if config.model.spatial_dims == 2:
-        if s.fit == "resize" and s.fov_mm:
-            px = float(s.fov_mm) / s.slice_size
-            spacing = (px, px)
-            notes.append(f"spacing {px:g} mm from data.ct.sampling.fov_mm / slice_size")
-        elif s.fit == "crop" and all(v for v in xy):
-            spacing = (float(xy[0]), float(xy[1]))
-            notes.append(f"spacing {spacing[0]:g} x {spacing[1]:g} mm from data.ct.preprocess.spacing (fit = crop)")
+    spacing = slice_spacing_mm(data) if config.model.spatial_dims == 2 else None
+    if spacing is not None:
+        notes.append(f"spacing {spacing[0]:g} x {spacing[1]:g} mm from data.ct.sampling.fov_mm / slice_size "
+                     "(fit = resize) or data.ct.preprocess.spacing (fit = crop)")
     return Geometry(spacing, (lo, hi), tuple(notes))
 
 

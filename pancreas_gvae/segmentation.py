@@ -1,0 +1,391 @@
+"""Downstream check of the synthetic slices (issue 6): does adding GVAE image+mask pairs help a 2D UNet?
+
+The pieces ``pipelines/augment_segmentation.py`` strings together:
+
+* :func:`split_cases` - a fixed case-level train / test split from a seed (never by slice: neighbouring
+  slices of one patient are near-copies), and :func:`subset_cases` - the data fraction as a subset of
+  the *training* cases (at least one).
+* :func:`load_slices` - every slice of some cases from the prepared store, fitted like the generator's
+  training data (same ``slice_size`` / ``fit`` / ``fov_mm``, so a pixel means the same mm in both).
+* :func:`load_generator` / :func:`synthetic_pool` - the EMA generator of a checkpoint and its samples,
+  split into the windowed CT channel and the thresholded mask.
+* :func:`train_unet` - MONAI ``UNet`` + ``DiceCELoss``; with ``ratio`` R > 0, each batch of B holds
+  ``round(B * R / (1 + R))`` synthetic slices and the rest real ones (same steps and batch size as the
+  real-only arm, so the arms see the same number of samples and gradient steps).
+* :func:`evaluate_predictions` - slice-wise ``DiceMetric`` and ``HausdorffDistanceMetric(percentile=95)``.
+
+Leakage guard: the generator used for augmentation must only have seen training cases.
+:func:`train_generator` trains it from a manifest restricted to the training cases
+(:func:`restrict_manifest`) and writes the case lists to ``split.json`` beside its checkpoint (a local
+file: case ids are TCIA PatientIDs and never go to MLflow); :func:`check_generator_split` refuses a
+checkpoint whose ``split.json`` names a test case, and reports "unverified" when there is none.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pancreas_gvae.ct.config import slice_spacing_mm
+from pancreas_gvae.errors import DataError, PipelineError
+
+SPLIT_NAME = "split.json"
+
+
+# ----------------------------------------------------------------------------- splits
+
+
+@dataclass
+class CaseSplit:
+    train: list[str]
+    test: list[str]
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        overlap = set(self.train) & set(self.test)
+        if overlap:
+            raise PipelineError(f"{len(overlap)} case(s) on both sides of the train / test split")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"seed": self.seed, "train": list(self.train), "test": list(self.test)}
+
+
+def ok_cases(manifest: pd.DataFrame) -> list[str]:
+    return sorted(manifest.loc[manifest["status"] == "ok", "case_id"].astype(str))
+
+
+def split_cases(case_ids: Sequence[str], *, test_fraction: float = 0.4, seed: int = 0) -> CaseSplit:
+    """A seeded, case-level split: ``max(1, round(test_fraction * n))`` test cases, the rest train (>= 1)."""
+    ids = sorted(set(map(str, case_ids)))
+    if len(ids) < 2:
+        raise DataError(f"need at least 2 usable cases for a train / test split, got {len(ids)}")
+    if not 0.0 < test_fraction < 1.0:
+        raise PipelineError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    n_test = min(len(ids) - 1, max(1, round(test_fraction * len(ids))))
+    perm = np.random.default_rng([seed, 7919]).permutation(len(ids))
+    test = sorted(ids[i] for i in perm[:n_test])
+    train = sorted(ids[i] for i in perm[n_test:])
+    return CaseSplit(train=train, test=test, seed=seed)
+
+
+def n_cases_for(fraction: float, n_train: int) -> int:
+    if not 0.0 < fraction <= 1.0:
+        raise PipelineError(f"fractions must be in (0, 1], got {fraction}")
+    return max(1, min(n_train, round(fraction * n_train)))
+
+
+def subset_cases(train: Sequence[str], fraction: float, seed: int) -> list[str]:
+    """``fraction`` of the training cases (at least one), drawn with ``seed``; nested across fractions."""
+    train = sorted(train)
+    k = n_cases_for(fraction, len(train))
+    perm = np.random.default_rng([seed, 104729]).permutation(len(train))
+    return sorted(train[i] for i in perm[:k])
+
+
+def restrict_manifest(manifest: pd.DataFrame, cases: Sequence[str]) -> pd.DataFrame:
+    """The manifest with only ``cases`` left (what the generator may see)."""
+    keep = manifest["case_id"].astype(str).isin(set(cases))
+    return manifest[keep].reset_index(drop=True)
+
+
+def write_split(split: CaseSplit, folder: str | Path) -> Path:
+    path = Path(folder) / SPLIT_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(split.to_json(), indent=2))
+    return path
+
+
+def check_generator_split(checkpoint: str | Path, split: CaseSplit) -> str:
+    """``ok`` if the generator's recorded training cases avoid every test case, ``unverified`` without a record.
+
+    Raises when a test case of this split was in the generator's training data (leakage).
+    """
+    ckpt = Path(checkpoint)
+    for folder in (ckpt.parent, ckpt.parent.parent):
+        path = folder / SPLIT_NAME
+        if path.is_file():
+            seen = set(json.loads(path.read_text())["train"])
+            leaked = seen & set(split.test)
+            if leaked:
+                raise PipelineError(f"the generator at {ckpt} was trained on {len(leaked)} of this split's "
+                                    f"test case(s) (see {path}): synthetic slices would leak the test set. "
+                                    "Use the same --split-seed / --test-fraction or --train-generator-steps")
+            return "ok"
+    return "unverified"
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass
+class SliceSet:
+    image: torch.Tensor  # (N, 1, H, W) float32 in [0, 1]
+    label: torch.Tensor  # (N, 1, H, W) float32 0/1
+    case_id: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(self.image.shape[0])
+
+    @property
+    def has_pancreas(self) -> torch.Tensor:
+        return self.label.flatten(1).amax(1) > 0
+
+
+def load_slices(prepared: str | Path, manifest: pd.DataFrame, cases: Sequence[str], *, size: int,
+                fit: str = "resize", fov_mm: float | None = None) -> SliceSet:
+    """Every axial slice of ``cases`` (centre slice only, no 2.5D context), fitted to ``size x size``."""
+    from transforms.slice_dataset import CTSliceDataset
+
+    if not cases:
+        raise DataError("no case to load")
+    ds = CTSliceDataset(prepared, manifest, size=size, pos_fraction=None, context_slices=0, seed=0,
+                        cases=list(cases), fit=fit, fov_mm=fov_mm)
+    missing = set(cases) - set(ds.case_ids)
+    if missing:
+        raise DataError(f"{len(missing)} requested case(s) are not ok in the prepared store")
+    rows = sorted(range(len(ds.slices)), key=lambda r: (ds.slices["case_id"].iat[r], ds.slices["slice"].iat[r]))
+    ds.order = np.asarray(rows)  # every slice once, in (case, slice) order
+    items = [ds[i] for i in range(len(ds))]
+    return SliceSet(torch.stack([it["image"] for it in items]), torch.stack([it["label"] for it in items]),
+                    [it["case_id"] for it in items])
+
+
+def load_generator(checkpoint: str | Path) -> tuple[torch.nn.Module, Any]:
+    """The EMA generator of a training checkpoint and the run's :class:`~pancreas_gvae.config.Config`."""
+    from pancreas_gvae.config import Config
+    from pancreas_gvae.models import build_model
+    from pancreas_gvae.training.checkpoint import load_checkpoint
+
+    state = load_checkpoint(checkpoint)
+    cfg = Config.from_dict(state["config"])
+    generator = build_model(cfg.model).generator
+    ema = {k[len("module."):]: v for k, v in state["ema"].items() if k.startswith("module.")}
+    generator.load_state_dict(ema)
+    return generator.eval(), cfg
+
+
+def load_generator_from_run(run_id: str, tracking_uri: str | None = None) -> tuple[torch.nn.Module, Any]:
+    """The generator an MLflow run logged (``tracking.log_model``) and the run's config artifact."""
+    import mlflow
+    import mlflow.pytorch
+    import yaml
+
+    from pancreas_gvae.config import Config
+
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    generator = mlflow.pytorch.load_model(f"runs:/{run_id}/generator", map_location="cpu")
+    text = mlflow.artifacts.load_text(f"runs:/{run_id}/config.yaml")
+    return generator.eval(), Config.from_dict(yaml.safe_load(text))
+
+
+def synthetic_pool(generator: torch.nn.Module, n: int, *, latent_dim: int, seed: int,
+                   mask_channels: int = 1) -> SliceSet:
+    """``n`` synthetic (CT, mask) pairs: centre CT channel in [0, 1] and the mask thresholded at 0.5."""
+    from pancreas_gvae.synthetic import generate, split_ct_and_mask
+
+    samples = generate(generator, n, latent_dim=latent_dim, seed=seed)
+    s = split_ct_and_mask(samples, mask_channels=mask_channels)
+    return SliceSet(torch.from_numpy(s.ct)[:, None].float(), torch.from_numpy(s.mask)[:, None].float(),
+                    ["synthetic"] * n)
+
+
+# ----------------------------------------------------------------------------- model, training
+
+
+def build_unet(channels: Sequence[int] = (16, 32, 64, 128)) -> torch.nn.Module:
+    from monai.networks.nets import UNet
+
+    return UNet(spatial_dims=2, in_channels=1, out_channels=2, channels=tuple(channels),
+                strides=tuple([2] * (len(channels) - 1)), num_res_units=1, norm="batch")
+
+
+def split_batch(batch_size: int, ratio: float) -> tuple[int, int]:
+    """(real, synthetic) slices per batch for ``ratio`` synthetic per real slice; at least one real."""
+    n_syn = int(round(batch_size * ratio / (1.0 + ratio))) if ratio > 0 else 0
+    n_syn = min(n_syn, batch_size - 1)
+    return batch_size - n_syn, n_syn
+
+
+def _real_weights(real: SliceSet, pos_fraction: float | None) -> np.ndarray:
+    pos = real.has_pancreas.numpy()
+    n = len(pos)
+    if pos_fraction is None or pos.all() or not pos.any():
+        return np.full(n, 1.0 / n)
+    w = np.where(pos, pos_fraction / pos.sum(), (1.0 - pos_fraction) / (~pos).sum())
+    return w / w.sum()
+
+
+def train_unet(real: SliceSet, synthetic: SliceSet | None, *, steps: int, batch_size: int, ratio: float,
+               seed: int, lr: float = 1e-3, pos_fraction: float | None = 0.6,
+               channels: Sequence[int] = (16, 32, 64, 128), log=None) -> tuple[torch.nn.Module, list[float]]:
+    """Train a 2D UNet for ``steps`` batches of ``batch_size`` (real slices oversampled towards pancreas)."""
+    from monai.losses import DiceCELoss
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng([seed, 31337])
+    n_real, n_syn = split_batch(batch_size, ratio if synthetic is not None and len(synthetic) else 0.0)
+    model = build_unet(channels)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    weights = _real_weights(real, pos_fraction)
+    losses = []
+    model.train()
+    for step in range(steps):
+        idx = rng.choice(len(real), size=n_real, replace=True, p=weights)
+        x, y = real.image[idx], real.label[idx]
+        if n_syn:
+            sidx = rng.choice(len(synthetic), size=n_syn, replace=True)
+            x, y = torch.cat([x, synthetic.image[sidx]]), torch.cat([y, synthetic.label[sidx]])
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach().item())
+        if log is not None and (step + 1) % max(1, steps // 5) == 0:
+            log(step + 1, float(np.mean(losses[-max(1, steps // 5):])))
+    return model.eval(), losses
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """Binary pancreas masks ``(N, 1, H, W)`` (argmax of the two classes)."""
+    model.eval()
+    out = [model(images[i:i + batch_size]).argmax(1, keepdim=True) for i in range(0, len(images), batch_size)]
+    return torch.cat(out).float()
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def evaluate_predictions(pred: torch.Tensor, label: torch.Tensor, *, pixel_mm: float = 1.0) -> dict[str, float]:
+    """Slice-wise Dice and HD95 of binary masks ``(N, 1, H, W)``.
+
+    * ``dice``, ``hd95``: mean over the slices whose reference holds pancreas. HD95 is in mm (pixels times
+      ``pixel_mm``); a slice with an empty prediction gets the worst possible distance, the image diagonal
+      (MONAI returns inf there), so missing the organ is not silently dropped. ``hd95_nonempty`` averages
+      only slices with a non-empty prediction; ``n_empty_pred`` counts the others.
+    * ``dice_all``: mean over every slice, where a slice with no pancreas in either scores 1 and a false
+      positive on a pancreas-free slice scores 0 (``ignore_empty=False``).
+    """
+    import warnings
+
+    from monai.metrics import DiceMetric, HausdorffDistanceMetric
+    from monai.networks.utils import one_hot
+
+    pred, label = (pred > 0.5).float(), (label > 0.5).float()
+    pos = label.flatten(1).amax(1) > 0
+    res: dict[str, float] = {"n_slices": float(len(label)), "n_pancreas_slices": float(pos.sum())}
+    p2, l2 = one_hot(pred, 2), one_hot(label, 2)
+    dice_all = DiceMetric(include_background=False, reduction="none", ignore_empty=False)(p2, l2)
+    res["dice_all"] = float(dice_all.mean()) if len(label) else math.nan
+    if not pos.any():
+        res.update(dice=math.nan, hd95=math.nan, hd95_nonempty=math.nan, n_empty_pred=0.0)
+        return res
+    pp, lp = p2[pos], l2[pos]
+    res["dice"] = float(DiceMetric(include_background=False, reduction="none")(pp, lp).mean())
+    empty = pred[pos].flatten(1).amax(1) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "prediction is all 0": handled below
+        hd = HausdorffDistanceMetric(include_background=False, percentile=95, reduction="none")(pp, lp)[:, 0]
+    hd = hd.clone().float()
+    diagonal = math.hypot(*label.shape[-2:])
+    bad = empty | ~torch.isfinite(hd)
+    hd_mm = torch.where(bad, torch.full_like(hd, diagonal), hd) * pixel_mm
+    res["hd95"] = float(hd_mm.mean())
+    res["hd95_nonempty"] = float(hd_mm[~bad].mean()) if (~bad).any() else math.nan
+    res["n_empty_pred"] = float(bad.sum())
+    return res
+
+
+def slice_pixel_mm(data) -> float:
+    """mm per pixel of the fitted slices (:func:`pancreas_gvae.ct.config.slice_spacing_mm`); HD95 needs one."""
+    spacing = slice_spacing_mm(data)
+    if spacing is None or abs(spacing[0] - spacing[1]) > 1e-6:
+        raise PipelineError(f"HD95 in mm needs square pixels of a fixed size, got {spacing}; "
+                            "use sampling.fit=resize with sampling.fov_mm")
+    return spacing[0]
+
+
+def evaluate_model(model: torch.nn.Module, test: SliceSet, *, pixel_mm: float) -> dict[str, float]:
+    return evaluate_predictions(predict(model, test.image), test.label, pixel_mm=pixel_mm)
+
+
+# ----------------------------------------------------------------------------- generator on the train split
+
+
+def train_generator(prepared: Path, manifest: pd.DataFrame, split: CaseSplit, cfg, out_dir: Path, *,
+                    progress: bool = True) -> Path:
+    """Train the GVAE (``cfg``, as ``pipelines/train_ct.py`` would) on the training cases of ``split`` only.
+
+    Returns the checkpoint; ``split.json`` beside it records which cases it saw.
+    """
+    from pancreas_gvae.training import ct
+    from pancreas_gvae.training.batches import DatasetBatches
+    from pancreas_gvae.training.run import train_run
+    from transforms.slice_dataset import CTSliceDataset
+
+    data = ct.data_config(cfg)
+    ct.check_model_matches_data(cfg, data)
+    seen = restrict_manifest(manifest, split.train)  # the test cases are not even in the generator's manifest
+    dataset = CTSliceDataset.from_config(prepared, data, seen, cases=split.train, seed=cfg.train.seed)
+    if set(dataset.case_ids) & set(split.test) or not set(dataset.case_ids) <= set(split.train):
+        raise PipelineError("generator data is not restricted to the training cases")  # cannot happen; guard
+    batches = DatasetBatches(dataset, batch_size=cfg.train.batch_size, to_tensor=ct.batch_to_input)
+    preview = ct.preview_slices(prepared, seen, data, cfg.train.num_samples // 2, cfg.train.seed)
+    out_dir = Path(out_dir)
+    write_split(split, out_dir)
+    result = train_run(cfg, batches, preview, out_dir=out_dir, run_name=f"{cfg.model.kind}-ct-train-split",
+                       tags={"dataset": "train-split", "model": cfg.model.kind, "purpose": "augment-segmentation",
+                             "n_train_cases": str(len(split.train))}, progress=progress)
+    return result.checkpoint
+
+
+# ----------------------------------------------------------------------------- summary
+
+
+def summarize(df: pd.DataFrame) -> pd.DataFrame:
+    """Mean and sd (ddof=1; 0 with one seed) of Dice and HD95 per (fraction, arm)."""
+    rows = []
+    for (fraction, arm), g in df.groupby(["fraction", "arm"], sort=True):
+        row = {"fraction": fraction, "arm": arm, "n_seeds": len(g), "n_train_cases": int(g["n_train_cases"].iloc[0])}
+        for col in ("dice", "hd95", "dice_all"):
+            if col in g:
+                vals = g[col].astype(float)
+                row[f"{col}_mean"] = vals.mean()
+                row[f"{col}_sd"] = vals.std(ddof=1) if len(vals) > 1 else 0.0
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def plot_dice(df: pd.DataFrame, path: str | Path, *, title: str = "") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = summarize(df)
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for arm, marker in (("real", "o"), ("real+synthetic", "s")):
+        g = s[s["arm"] == arm].sort_values("fraction")
+        if len(g):
+            ax.errorbar(g["fraction"], g["dice_mean"], yerr=g["dice_sd"], marker=marker, capsize=3, label=arm)
+    ax.set_xlabel("fraction of training cases")
+    ax.set_ylabel("Dice (test pancreas slices)")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
