@@ -16,6 +16,8 @@ from pancreas_gvae.viz import image_grid, interleave
 
 
 class BatchSource(Protocol):
+    steps_per_epoch: int
+
     def batch(self, step: int) -> torch.Tensor: ...
 
 
@@ -62,12 +64,21 @@ def fit(trainer: Trainer, batches: BatchSource, *, steps: int, checkpoint_path: 
                desc=f"{trainer.cfg.model.kind}")
     logs: dict[str, float] = {}
     window_images, window_start = 0, time.perf_counter()
+    epoch_sums: dict[str, float] = {}
+    epoch_steps = 0
     while trainer.step < steps:
         x = batches.batch(trainer.step)
         logs = trainer.train_step(x)
         window_images += x.shape[0] * distributed.world_size()
         step = trainer.step
         last = step == steps
+        for key, value in logs.items():
+            epoch_sums[key] = epoch_sums.get(key, 0.0) + value
+        epoch_steps += 1
+        if step % batches.steps_per_epoch == 0:
+            # Per-epoch metrics: the mean of each loss over the epoch's steps run in this process.
+            tracker.log_metrics({f"epoch/{k}": v / epoch_steps for k, v in epoch_sums.items()}, step=step)
+            epoch_sums, epoch_steps = {}, 0
         if step % tc.log_every == 0 or last:
             elapsed = time.perf_counter() - window_start
             logs["perf/images_per_s"] = window_images / max(elapsed, 1e-9)

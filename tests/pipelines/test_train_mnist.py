@@ -87,3 +87,14 @@ def test_help_runs(capsys):
         train_mnist.main(["--help"])
     assert exit_info.value.code == 0
     assert "--tracking-uri" in capsys.readouterr().out
+
+
+def test_per_epoch_metrics_are_logged(tmp_path, fashion_dir):
+    # 1,000 training images (the subset's train split) / batch 300 = 3 steps per epoch: steps 3 and 6 close one
+    code, uri = _run(tmp_path, fashion_dir, "--dataset", "fashion-mnist", "--set", "tracking.log_model=false",
+                     "--steps", "6", "--batch-size", "300")
+    assert code == 0
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("pancreas-gvae-smoke").experiment_id])
+    history = client.get_metric_history(run.info.run_id, "epoch/loss/d")
+    assert [m.step for m in history] == [3, 6]
