@@ -86,6 +86,7 @@ __all__ = [
 ]
 
 _LOG_2PI = math.log(2.0 * math.pi)
+_MAX_ELEMENTS = 2**24
 
 Encode = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 Decode = Callable[[torch.Tensor], torch.Tensor]
@@ -157,7 +158,7 @@ def _log_weights(
     logvar: torch.Tensor,
     decode: Decode,
     n_samples: int,
-    sample_chunk: int,
+    sample_chunk: int | None,
     gen: torch.Generator,
     likelihood: str,
     sigma: float,
@@ -168,6 +169,8 @@ def _log_weights(
     lat_nd = mu.ndim - 1
     std = torch.exp(0.5 * logvar)
     log_px, log_ratio = [], []
+    if sample_chunk is None:  # decoder outputs of about 2^24 elements (64 MB in float32) per call
+        sample_chunk = max(1, min(n_samples, _MAX_ELEMENTS // max(1, b * xb[0].numel())))
     for s0 in range(0, n_samples, sample_chunk):
         s = min(sample_chunk, n_samples - s0)
         eps = torch.randn((s, *mu.shape), generator=gen, dtype=torch.float32).to(device=mu.device, dtype=mu.dtype)
@@ -200,13 +203,14 @@ def iwae_bound(
     likelihood: str = "bernoulli",
     sigma: float = 0.1,
     batch_size: int = 100,
-    sample_chunk: int = 50,
+    sample_chunk: int | None = None,
     seed: int = 0,
 ) -> torch.Tensor:
     r"""Per-image importance-weighted bound :math:`\mathcal L_k(x)` on :math:`\log p(x)` in nats, ``(N,)`` float64.
 
     ``k`` importance samples per image from ``q(z|x)``; images are processed ``batch_size`` at a time
-    and samples ``sample_chunk`` at a time (``decode`` sees ``sample_chunk * batch_size`` latents). The
+    and samples ``sample_chunk`` at a time (``decode`` sees ``sample_chunk * batch_size`` latents; by default
+    as many as keep each decoder output under about 2^24 elements; lower ``batch_size`` for big images). The
     noise comes from a CPU generator seeded by ``seed``: the result is reproducible and independent of
     the device. See the module docstring for the likelihoods and what they mean.
     """
@@ -239,7 +243,7 @@ def elbo(
     likelihood: str = "bernoulli",
     sigma: float = 0.1,
     batch_size: int = 100,
-    sample_chunk: int = 50,
+    sample_chunk: int | None = None,
     seed: int = 0,
 ) -> ELBOTerms:
     r"""Per-image ELBO :math:`\mathbb E_q[\log p(x|z)] - \mathrm{KL}(q\|p)` with the KL in closed form.
