@@ -328,17 +328,15 @@ def train_generator(prepared: Path, manifest: pd.DataFrame, split: CaseSplit, cf
     Returns the checkpoint; ``split.json`` beside it records which cases it saw.
     """
     from pancreas_gvae.training import ct
-    from pancreas_gvae.training.batches import DatasetBatches
     from pancreas_gvae.training.run import train_run
-    from transforms.slice_dataset import CTSliceDataset
 
     data = ct.data_config(cfg)
     ct.check_model_matches_data(cfg, data)
     seen = restrict_manifest(manifest, split.train)  # the test cases are not even in the generator's manifest
-    dataset = CTSliceDataset.from_config(prepared, data, seen, cases=split.train, seed=cfg.train.seed)
-    if set(dataset.case_ids) & set(split.test) or not set(dataset.case_ids) <= set(split.train):
+    batches = ct.slice_batches(prepared, seen, data, cfg, cases=list(split.train))
+    case_ids = set(batches.dataset.case_ids)
+    if case_ids & set(split.test) or not case_ids <= set(split.train):
         raise PipelineError("generator data is not restricted to the training cases")  # cannot happen; guard
-    batches = DatasetBatches(dataset, batch_size=cfg.train.batch_size, to_tensor=ct.batch_to_input)
     preview = ct.preview_slices(prepared, seen, data, cfg.train.num_samples // 2, cfg.train.seed)
     out_dir = Path(out_dir)
     write_split(split, out_dir)

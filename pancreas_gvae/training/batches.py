@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from pancreas_gvae.errors import PipelineError
 from pancreas_gvae.training import distributed
 
 
@@ -21,7 +22,8 @@ class TensorBatches:
         world = distributed.world_size()
         self.per_rank = data.shape[0] // world
         if self.per_rank < batch_size:
-            raise ValueError(f"{data.shape[0]} images over {world} process(es) is fewer than batch size {batch_size}")
+            raise PipelineError(f"{data.shape[0]} images over {world} process(es) is fewer than batch size "
+                                f"{batch_size}: lower --batch-size or add data")
         self.data = data
         self.batch_size = batch_size
         self.seed = seed
@@ -57,8 +59,8 @@ class DatasetBatches:
         self.dataset = dataset
         self.rank_items = list(range(r, len(dataset) - len(dataset) % world, world))
         if len(self.rank_items) < batch_size:
-            raise ValueError(f"{len(dataset)} samples per epoch over {world} process(es) is fewer than "
-                             f"batch size {batch_size}")
+            raise PipelineError(f"{len(dataset)} samples per epoch over {world} process(es) is fewer than "
+                                f"batch size {batch_size}: lower --batch-size or add data")
         self.batch_size = batch_size
         self.steps_per_epoch = len(self.rank_items) // batch_size
         self.to_tensor = to_tensor

@@ -19,6 +19,7 @@ from pancreas_gvae.ct.prepare import prepare_dataset
 from pancreas_gvae.errors import DataError, PipelineError
 from pancreas_gvae.export.bundle import export_bundle, infer_geometry
 from pancreas_gvae.synthetic import generate, save_nifti_slices, split_ct_and_mask, window_to_hu
+from pancreas_gvae.training import distributed
 from pancreas_gvae.training.batches import DatasetBatches
 from pancreas_gvae.viz import image_grid, save_png
 from transforms.slice_dataset import CTSliceDataset
@@ -73,8 +74,13 @@ def prepare(data_root: Path, prepared: Path, data: DataConfig, *, labels: Path |
 
 
 def slice_batches(prepared: Path, manifest: pd.DataFrame, data: DataConfig, cfg: Config, *,
-                  num_workers: int = 0) -> DatasetBatches:
-    dataset = CTSliceDataset.from_config(prepared, data, manifest, seed=cfg.train.seed)
+                  cases: list[str] | None = None, num_workers: int = 0) -> DatasetBatches:
+    dataset = CTSliceDataset.from_config(prepared, data, manifest, cases=cases, seed=cfg.train.seed)
+    needed = cfg.train.batch_size * distributed.world_size()
+    if len(dataset) < needed:
+        # A tiny cohort (one 20-slice case): an epoch draws slices with repetition rather than failing.
+        dataset.samples_per_epoch = needed
+        dataset.set_epoch(0)
     return DatasetBatches(dataset, batch_size=cfg.train.batch_size, to_tensor=batch_to_input,
                           num_workers=num_workers, pin_memory=torch.cuda.is_available())
 
