@@ -160,7 +160,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                 base: dict[str, Any] | None = None) -> Config:
     """Defaults <- ``base`` <- YAML file <- ``overrides``; validated."""
     raw: dict[str, Any] = {}
-    for layer in (base or {}, _read_yaml(path) if path else {}, parse_overrides(overrides or [])):
+    for layer in (base or {}, read_yaml_mapping(path) if path else {}, parse_overrides(overrides or [])):
         raw = deep_update(raw, layer)
     return Config.from_dict(raw)
 
@@ -175,16 +175,17 @@ def deep_update(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _read_yaml(path: str | Path) -> dict[str, Any]:
+def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """A YAML file that must hold a mapping; every problem is a :class:`PipelineError` naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise PipelineError(f"config file not found: {path}")
+        raise PipelineError(f"{what} not found: {path}")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise PipelineError(f"config file {path} is not valid YAML: {err}") from None
+        raise PipelineError(f"{what} {path} is not valid YAML: {err}") from None
     if not isinstance(data, dict):
-        raise PipelineError(f"config file {path} must hold a mapping at the top level")
+        raise PipelineError(f"{what} {path} must hold a mapping at the top level")
     return data
 
 

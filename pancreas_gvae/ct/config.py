@@ -14,15 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from pancreas_gvae.config import read_yaml_mapping
 from pancreas_gvae.errors import PipelineError
 
 # Bump when the cache layout or the preprocessing code changes what it writes.
 CACHE_FORMAT_VERSION = 1
 
 _DUPLICATE_NOTE = "duplicate of PANCREAS_0002 (same scan, cropped differently; removed in collection version 2)"
-
 
 @dataclass
 class LabelConfig:
@@ -32,7 +30,6 @@ class LabelConfig:
     msd: list[int] = field(default_factory=lambda: [1, 2])  # 1 pancreas + 2 tumour: both pancreas tissue
     folder: list[int] = field(default_factory=lambda: [1])
     require_label: bool = True  # a case without a label is excluded (missing_label)
-
 
 @dataclass
 class CheckConfig:
@@ -48,7 +45,6 @@ class CheckConfig:
     max_fat_fraction: float = 0.30  # fraction of label voxels below -50 HU
     min_label_voxels: int = 10
 
-
 @dataclass
 class PreprocessConfig:
     """The deterministic chain (cached): orientation, body crop, spacing, HU window."""
@@ -59,7 +55,6 @@ class PreprocessConfig:
     body_threshold_hu: float = -500.0  # CropForegroundd keeps the box of voxels above this
     body_margin: int = 4  # voxels around the body box
     cache_dtype: str = "float16"  # image dtype on disk: float16 | float32
-
 
 @dataclass
 class SamplingConfig:
@@ -75,7 +70,6 @@ class SamplingConfig:
     patch_pos: float = 1.0
     patch_neg: float = 1.0
     patch_num_samples: int = 4
-
 
 @dataclass
 class DataConfig:
@@ -97,7 +91,6 @@ class DataConfig:
             raise PipelineError(f"pancreas label values must be positive integers, got {values}")
         return sorted({int(v) for v in values})
 
-
 def _build(cls, data: dict[str, Any], where: str):
     """Dataclass ``cls`` from a dict, naming unknown keys instead of ignoring them."""
     known = {f.name: f for f in dataclasses.fields(cls)}
@@ -113,24 +106,17 @@ def _build(cls, data: dict[str, Any], where: str):
             kwargs[name] = value
     return cls(**kwargs)
 
-
 def load_data_config(path: str | Path | None = None) -> DataConfig:
     """Read a data config YAML (missing keys keep their defaults); ``None`` gives the defaults."""
     if path is None:
         return DataConfig()
-    path = Path(path)
-    if not path.is_file():
-        raise PipelineError(f"data config not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise PipelineError(f"data config {path} is not valid YAML: {err}") from err
-    if not isinstance(data, dict):
-        raise PipelineError(f"data config {path} must be a mapping")
-    cfg = _build(DataConfig, data, path.name)
+    return data_config_from_dict(read_yaml_mapping(path, "data config"), where=Path(path).name)
+
+def data_config_from_dict(data: dict[str, Any], *, where: str = "data config") -> DataConfig:
+    """A validated :class:`DataConfig` from a mapping (e.g. the ``data.ct`` section of a training config)."""
+    cfg = _build(DataConfig, data, where)
     validate(cfg)
     return cfg
-
 
 def validate(cfg: DataConfig) -> None:
     p, s = cfg.preprocess, cfg.sampling
@@ -145,7 +131,6 @@ def validate(cfg: DataConfig) -> None:
     if s.pos_fraction is not None and not 0.0 <= s.pos_fraction <= 1.0:
         raise PipelineError(f"sampling.pos_fraction must be in [0, 1] or null, got {s.pos_fraction}")
 
-
 def slice_spacing_mm(cfg: DataConfig) -> tuple[float, float] | None:
     """(x, y) mm per pixel of the sampled 2D slices: ``fov_mm / slice_size`` for ``fit=resize`` with a field of
     view, the cache's in-plane spacing for ``fit=crop``; ``None`` where it varies per case."""
@@ -154,7 +139,6 @@ def slice_spacing_mm(cfg: DataConfig) -> tuple[float, float] | None:
         return (float(s.fov_mm) / s.slice_size,) * 2 if s.fov_mm else None
     x, y = cfg.preprocess.spacing[:2]
     return (float(x), float(y)) if x and y else None
-
 
 def config_hash(cfg: DataConfig, pancreas_values: list[int]) -> str:
     """Short hash of everything that decides a cached case: checks, preprocessing, label mapping, format."""
@@ -166,7 +150,6 @@ def config_hash(cfg: DataConfig, pancreas_values: list[int]) -> str:
     }
     text = json.dumps(_numbers_as_float(payload), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
 
 def _numbers_as_float(value: Any) -> Any:
     """YAML ``-30`` and the default ``-30.0`` are the same setting: hash them alike."""

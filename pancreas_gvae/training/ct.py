@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 
 from pancreas_gvae.config import Config
-from pancreas_gvae.ct.config import DataConfig, _build, validate
+from pancreas_gvae.ct.config import DataConfig, data_config_from_dict
 from pancreas_gvae.ct.phantom import make_phantom_cohort
 from pancreas_gvae.ct.prepare import prepare_dataset
 from pancreas_gvae.errors import DataError, PipelineError
@@ -32,9 +32,7 @@ SHAREABLE_COLUMNS = ["layout", "status", "reason", "shape", "spacing", "slice_th
 
 def data_config(cfg: Config) -> DataConfig:
     """``cfg.data["ct"]`` as the data layer's :class:`DataConfig` (unknown keys are named)."""
-    data = _build(DataConfig, dict(cfg.data.get("ct", {})), "data.ct")
-    validate(data)
-    return data
+    return data_config_from_dict(dict(cfg.data.get("ct", {})), where="data.ct")
 
 
 def check_model_matches_data(cfg: Config, data: DataConfig) -> None:
