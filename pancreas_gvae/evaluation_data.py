@@ -57,14 +57,12 @@ def split_sizes(args, available: int) -> tuple[int, int]:
 
 
 def take_slices(ds, n: int) -> torch.Tensor:
-    from pancreas_gvae.training.ct import batch_to_input
+    from pancreas_gvae.training.ct import stack_inputs
 
     ds.pos_fraction = None  # every slice once, in a seeded order
     ds.samples_per_epoch = len(ds.slices)
     ds.set_epoch(0)
-    n = min(n, len(ds))
-    return torch.stack([batch_to_input({k: v[None] for k, v in ds[i].items() if k in ("image", "label")})[0]
-                        for i in range(n)])
+    return stack_inputs(ds, n)
 
 
 def ct_eval_data(args, cfg):

@@ -101,22 +101,13 @@ def _check_generator(generator: torch.nn.Module, config: Config, what: str) -> t
 
 def load_from_checkpoint(path: str | Path) -> LoadedGenerator:
     """The EMA generator of a training checkpoint (``OUT/checkpoints/last.pt``) and its config."""
-    from pancreas_gvae.export.bundle import generator_kwargs, generator_state_from_checkpoint
-    from pancreas_gvae.models.networks import Generator
+    from pancreas_gvae.export.bundle import generator_from_state
     from pancreas_gvae.training.checkpoint import load_checkpoint
 
-    path = Path(path)
+    what = f"checkpoint {Path(path)}"
     state = load_checkpoint(path, map_location="cpu")  # PipelineError when missing or unreadable
-    if not isinstance(state, dict) or "config" not in state:
-        raise PipelineError(f"{path} is not a training checkpoint (no 'config'); give OUT/checkpoints/last.pt")
-    config = Config.from_dict(state["config"])
-    generator = Generator(**generator_kwargs(config.model))
-    try:
-        generator.load_state_dict(generator_state_from_checkpoint(state, weights="ema"), strict=True)
-    except RuntimeError as err:
-        raise PipelineError(f"checkpoint {path}: the EMA weights do not match its model config "
-                            f"({str(err).strip().splitlines()[0]})") from None
-    return LoadedGenerator(_check_generator(generator, config, f"checkpoint {path}"), config, "checkpoint",
+    generator, config = generator_from_state(state, weights="ema", what=what)
+    return LoadedGenerator(_check_generator(generator, config, what), config, "checkpoint",
                            source_run_id=state.get("mlflow_run_id"), experiment=config.tracking.experiment)
 
 

@@ -7,7 +7,8 @@ The pieces ``pipelines/augment_segmentation.py`` strings together:
   the *training* cases (at least one).
 * :func:`load_slices` - every slice of some cases from the prepared store, fitted like the generator's
   training data (same ``slice_size`` / ``fit`` / ``fov_mm``, so a pixel means the same mm in both).
-* :func:`load_generator` / :func:`synthetic_pool` - the EMA generator of a checkpoint and its samples,
+* :func:`synthetic_pool` - samples of the EMA generator (loaded by ``export.bundle.generator_from_checkpoint``
+  or ``sampling.load_from_run``),
   split into the windowed CT channel and the thresholded mask.
 * :func:`train_unet` - MONAI ``UNet`` + ``DiceCELoss``; with ``ratio`` R > 0, each batch of B holds
   ``round(B * R / (1 + R))`` synthetic slices and the rest real ones (same steps and batch size as the
@@ -155,35 +156,6 @@ def load_slices(prepared: str | Path, manifest: pd.DataFrame, cases: Sequence[st
     items = [ds[i] for i in range(len(ds))]
     return SliceSet(torch.stack([it["image"] for it in items]), torch.stack([it["label"] for it in items]),
                     [it["case_id"] for it in items])
-
-
-def load_generator(checkpoint: str | Path) -> tuple[torch.nn.Module, Any]:
-    """The EMA generator of a training checkpoint and the run's :class:`~pancreas_gvae.config.Config`."""
-    from pancreas_gvae.config import Config
-    from pancreas_gvae.models import build_model
-    from pancreas_gvae.training.checkpoint import load_checkpoint
-
-    state = load_checkpoint(checkpoint)
-    cfg = Config.from_dict(state["config"])
-    generator = build_model(cfg.model).generator
-    ema = {k[len("module."):]: v for k, v in state["ema"].items() if k.startswith("module.")}
-    generator.load_state_dict(ema)
-    return generator.eval(), cfg
-
-
-def load_generator_from_run(run_id: str, tracking_uri: str | None = None) -> tuple[torch.nn.Module, Any]:
-    """The generator an MLflow run logged (``tracking.log_model``) and the run's config artifact."""
-    import mlflow
-    import mlflow.pytorch
-    import yaml
-
-    from pancreas_gvae.config import Config
-
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-    generator = mlflow.pytorch.load_model(f"runs:/{run_id}/generator", map_location="cpu")
-    text = mlflow.artifacts.load_text(f"runs:/{run_id}/config.yaml")
-    return generator.eval(), Config.from_dict(yaml.safe_load(text))
 
 
 def synthetic_pool(generator: torch.nn.Module, n: int, *, latent_dim: int, seed: int,

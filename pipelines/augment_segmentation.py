@@ -31,6 +31,8 @@ import pandas as pd
 
 from pancreas_gvae import segmentation as seg
 from pancreas_gvae.errors import PipelineError, run_cli
+from pancreas_gvae.export.bundle import generator_from_checkpoint
+from pancreas_gvae.sampling import load_from_run
 
 REPO = Path(__file__).resolve().parents[1]
 ARMS = ("real", "real+synthetic")
@@ -119,7 +121,6 @@ def _prepare(args: argparse.Namespace, data) -> tuple[Path, pd.DataFrame]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import mlflow
-    import torch
 
     from pancreas_gvae.training import ct
 
@@ -129,9 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     # 1. the generator and its config (its slice geometry is the UNet's)
     gcfg, generator, leakage = _gvae_config(args), None, "unverified"
     if args.checkpoint is not None:
-        generator, gcfg = seg.load_generator(args.checkpoint)
+        generator, gcfg = generator_from_checkpoint(args.checkpoint)
     elif args.run_id is not None:
-        generator, gcfg = seg.load_generator_from_run(args.run_id, tracking_uri)
+        loaded = load_from_run(args.run_id, tracking_uri)
+        generator, gcfg = loaded.generator, loaded.config
     data = ct.data_config(gcfg)
     sampling = data.sampling
     prepared, manifest = _prepare(args, data)
@@ -147,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
               f"({time.perf_counter() - t0:.0f} s)")
         if args.generator_only:
             return 0
-        generator, gcfg = seg.load_generator(ckpt)
+        generator, gcfg = generator_from_checkpoint(ckpt)
         leakage = seg.check_generator_split(ckpt, split)
     elif args.checkpoint is not None:
         leakage = seg.check_generator_split(args.checkpoint, split)

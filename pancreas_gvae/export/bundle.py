@@ -90,13 +90,16 @@ def generator_from_checkpoint(path: str | Path, *, weights: str = "ema") -> tupl
     """Rebuild the (EMA) generator of a training checkpoint on the CPU, in eval mode, with its config."""
     from pancreas_gvae.training.checkpoint import load_checkpoint
 
-    state = load_checkpoint(path, map_location="cpu")
-    if "config" not in state:
-        raise PipelineError(f"checkpoint {path} holds no 'config'; "
-                            "is it a training checkpoint (OUT/checkpoints/last.pt)?")
+    return generator_from_state(load_checkpoint(path, map_location="cpu"), weights=weights, what=f"checkpoint {path}")
+
+
+def generator_from_state(state: Any, *, weights: str = "ema", what: str = "checkpoint") -> tuple[Generator, Config]:
+    """The generator of an already loaded training checkpoint (``Trainer.state_dict()``), strictly loaded."""
+    if not isinstance(state, dict) or "config" not in state:
+        raise PipelineError(f"{what} holds no 'config'; is it a training checkpoint (OUT/checkpoints/last.pt)?")
     config = Config.from_dict(state["config"])
     generator = Generator(**generator_kwargs(config.model))
-    _load_strict(generator, generator_state_from_checkpoint(state, weights=weights), what=f"checkpoint {path}")
+    _load_strict(generator, generator_state_from_checkpoint(state, weights=weights), what=what)
     return generator.eval(), config
 
 

@@ -93,8 +93,13 @@ def preview_slices(prepared: Path, manifest: pd.DataFrame, data: DataConfig, n: 
     ds = CTSliceDataset.from_config(prepared, data, manifest, seed=seed + 1)
     ds.pos_fraction = 1.0
     ds.set_epoch(0)
-    return torch.stack([batch_to_input({k: v[None] for k, v in ds[i].items() if k in ("image", "label")})[0]
-                        for i in range(min(n, len(ds)))])
+    return stack_inputs(ds, n)
+
+
+def stack_inputs(dataset: CTSliceDataset, n: int) -> torch.Tensor:
+    """The first ``n`` items of the dataset's current epoch as model inputs ``(N, C + 1, H, W)``."""
+    items = (dataset[i] for i in range(min(n, len(dataset))))
+    return torch.stack([torch.cat([item["image"], item["label"]]) for item in items])
 
 
 def shareable_manifest(manifest: pd.DataFrame) -> pd.DataFrame:
@@ -121,7 +126,4 @@ def log_ct_artifacts(trainer, tracker, out_dir: Path, *, data: DataConfig, manif
     tracker.log_artifacts(bundle, artifact_path="monai_bundle")
     grid = image_grid(samples, mask_channels=cfg.model.mask_channels, nrow=8)
     tracker.log_artifact(save_png(grid, out_dir / "synthetic_overlay.png"), artifact_path="final")
-    shared = shareable_manifest(manifest)
-    shared_path = out_dir / "manifest_shareable.csv"
-    shared.to_csv(shared_path, index=False)
-    tracker.log_dataset(shared, name="ct-slices", context="training")
+    tracker.log_dataset(shareable_manifest(manifest), name="ct-slices", context="training")
