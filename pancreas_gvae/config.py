@@ -73,10 +73,15 @@ class TrainConfig:
     num_samples: int = 64
 
 
+def default_tracking_uri() -> str:
+    """``$MLFLOW_TRACKING_URI`` (as MLflow itself reads it), else a sqlite store in the working directory."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+
+
 @dataclass
 class TrackingConfig:
     # MLFLOW_TRACKING_URI (as in MLflow itself) or a sqlite store in the working directory.
-    tracking_uri: str = field(default_factory=lambda: os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"))
+    tracking_uri: str = field(default_factory=default_tracking_uri)
     experiment: str = "pancreas-gvae"
     run_name: str | None = None
     log_model: bool = True

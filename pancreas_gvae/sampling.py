@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pancreas_gvae.config import Config
+from pancreas_gvae.config import Config, default_tracking_uri
 from pancreas_gvae.errors import PipelineError
 from pancreas_gvae.export.dicom import write_dicom_pairs
 from pancreas_gvae.privacy import (
@@ -109,10 +108,6 @@ def load_from_checkpoint(path: str | Path) -> LoadedGenerator:
     generator, config = generator_from_state(state, weights="ema", what=what)
     return LoadedGenerator(_check_generator(generator, config, what), config, "checkpoint",
                            source_run_id=state.get("mlflow_run_id"), experiment=config.tracking.experiment)
-
-
-def default_tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
 
 
 def _check_store(uri: str) -> None:

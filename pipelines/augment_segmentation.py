@@ -30,6 +30,7 @@ from pathlib import Path
 import pandas as pd
 
 from pancreas_gvae import segmentation as seg
+from pancreas_gvae.config import default_tracking_uri
 from pancreas_gvae.errors import PipelineError, run_cli
 from pancreas_gvae.export.bundle import generator_from_checkpoint
 from pancreas_gvae.sampling import load_from_run
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     from pancreas_gvae.training import ct
 
     args.out.mkdir(parents=True, exist_ok=True)
-    tracking_uri = args.tracking_uri or "sqlite:///mlflow.db"
+    tracking_uri = args.tracking_uri or default_tracking_uri()
 
     # 1. the generator and its config (its slice geometry is the UNet's)
     gcfg, generator, leakage = _gvae_config(args), None, "unverified"
