@@ -7,10 +7,13 @@ always be rebuilt from what it recorded.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -108,6 +111,7 @@ class Config:
         return cfg
 
     def validate(self) -> None:
+        """Rules across keys and choices; each key's type and range is checked as it is merged (convert_value)."""
         m = self.model
         if m.kind not in MODEL_KINDS:
             raise PipelineError(f"model.kind must be one of {', '.join(MODEL_KINDS)}, got {m.kind!r}")
@@ -125,25 +129,153 @@ class Config:
             raise PipelineError(f"loss.adversarial must be nonsaturating or hinge, got {self.loss.adversarial!r}")
         if self.loss.vae_likelihood not in ("bernoulli", "gaussian"):
             raise PipelineError(f"loss.vae_likelihood must be bernoulli or gaussian, got {self.loss.vae_likelihood!r}")
-        if self.train.steps < 0 or self.train.batch_size < 1:
-            raise PipelineError("train.steps must be >= 0 and train.batch_size >= 1")
 
 
 def _merge(target: Any, raw: dict[str, Any], prefix: str) -> None:
+    hints = {} if isinstance(target, dict) else typing.get_type_hints(type(target))
     for key, value in raw.items():
         name = f"{prefix}{key}"
-        if isinstance(target, dict):
+        if isinstance(target, dict):  # the free ``data`` section: untyped, owned by the pipelines
             target[key] = value
             continue
-        if not hasattr(target, key):
+        if key not in hints:
             raise PipelineError(f"unknown config key {name!r}")
         current = getattr(target, key)
-        if dataclasses.is_dataclass(current) or (isinstance(current, dict) and isinstance(value, dict)):
+        if dataclasses.is_dataclass(current) or isinstance(current, dict):
             if not isinstance(value, dict):
                 raise PipelineError(f"config key {name!r} is a section; give it a mapping")
             _merge(current, value, prefix=f"{name}.")
         else:
-            setattr(target, key, value)
+            setattr(target, key, convert_value(name, value, hints[key]))
+
+
+# Value checks beyond the type, per key: (accepts the converted value, what the key expects). Cross-key
+# rules (image_size against channels, mask_channels against in_channels, choices) are in Config.validate.
+_POSITIVE_INTS = (lambda v: len(v) > 0 and all(c > 0 for c in v), "a non-empty list of positive integers")
+_AT_LEAST_0 = (lambda v: v >= 0, "a number >= 0")
+_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "model.in_channels": (lambda v: v >= 1, "a positive integer"),
+    "model.mask_channels": (lambda v: v >= 0, "an integer >= 0"),
+    "model.image_size": (lambda v: v >= 1, "a positive integer"),
+    "model.channels": _POSITIVE_INTS,
+    "model.disc_channels": _POSITIVE_INTS,
+    "model.latent_dim": (lambda v: v >= 1, "a positive integer"),
+    "model.num_res_units": (lambda v: v >= 0, "an integer >= 0"),
+    **{f"loss.{k}": _AT_LEAST_0 for k in ("beta_kl", "feature_recon", "pixel_l1", "recon_weight_g",
+                                          "adversarial_weight", "r1_gamma", "mask_dice", "mask_bce")},
+    "loss.kl_warmup_steps": (lambda v: v >= 0, "an integer >= 0"),
+    "loss.gaussian_sigma": (lambda v: v > 0, "a number (float) > 0"),
+    "train.steps": (lambda v: v >= 0, "an integer >= 0"),
+    "train.batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "train.lr_g": (lambda v: v > 0, "a number (float) > 0"),
+    "train.lr_d": (lambda v: v > 0, "a number (float) > 0"),
+    "train.betas": (lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "a list of two numbers in [0, 1)"),
+    "train.grad_clip": (lambda v: v >= 0, "a number >= 0 (0: no clipping)"),
+    "train.ema_decay": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    "train.seed": (lambda v: v >= 0, "an integer >= 0"),
+    **{f"train.{k}": (lambda v: v >= 1, "an integer >= 1")
+       for k in ("log_every", "sample_every", "checkpoint_every", "num_samples")},
+}
+
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+_NULL = ("null", "none", "~", "")
+
+
+class _Refused(ValueError):
+    pass
+
+
+def convert_value(name: str, value: Any, hint: Any) -> Any:
+    """``value`` of config key ``name`` as its annotated type ``hint``, or one line naming key, value and type.
+
+    Our own, small on purpose: values reach the dataclasses as YAML-parsed scalars (config files and
+    ``--set`` text), where YAML 1.1 reads ``1e-4`` as a string and ``no`` as False, and the dataclass
+    annotations are the whole schema; a validation library (pydantic & co.) would be a dependency the
+    project otherwise does without, for the handful of types used here.
+    """
+    check, what = _RANGES.get(name, (None, None))
+    try:
+        converted = _convert(value, hint)
+        if converted is None or check is None or check(converted):
+            return converted
+    except _Refused:
+        pass
+    if what is None:
+        what = _describe(hint)
+    elif _optional_of(hint) is not None:
+        what += " or null"
+    raise PipelineError(f"config key {name}: got {value!r}, expected {what}")
+
+
+def _optional_of(hint: Any) -> Any:
+    """``X`` for ``X | None``, else None."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(hint)) == 2:
+            return args[0]
+    return None
+
+
+def _convert(value: Any, hint: Any) -> Any:
+    optional = _optional_of(hint)
+    if optional is not None:
+        if value is None or (isinstance(value, str) and value.strip().lower() in _NULL):
+            return None
+        return _convert(value, optional)
+    if typing.get_origin(hint) is list:
+        (item,) = typing.get_args(hint)
+        if isinstance(value, str):  # "16,32" as well as the YAML list [16, 32]
+            value = value.split(",") if value.strip() else []
+        if not isinstance(value, (list, tuple)):
+            raise _Refused
+        return [_convert(v, item) for v in value]
+    text = value.strip() if isinstance(value, str) else None
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        if text is not None and text.lower() in _TRUE + _FALSE:
+            return text.lower() in _TRUE
+    elif hint is int and not isinstance(value, bool):
+        if isinstance(value, int):
+            return value
+        try:
+            return int(text)  # "12"
+        except (TypeError, ValueError):
+            pass
+        try:
+            number = float(text if text is not None else value)
+        except (TypeError, ValueError):
+            raise _Refused from None
+        if number.is_integer():  # 3.0, "1e5"; not 2.5
+            return int(number)
+    elif hint is float and not isinstance(value, bool):
+        try:
+            number = float(text if text is not None else value)  # YAML 1.1 leaves "1e-4" a string
+        except (TypeError, ValueError):
+            raise _Refused from None
+        if not math.isnan(number):
+            return number
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):  # run_name=2024
+            return str(value)
+    elif hint not in (int, float):
+        raise TypeError(f"pancreas_gvae.config cannot convert values to {hint!r}")
+    raise _Refused
+
+
+def _describe(hint: Any) -> str:
+    optional = _optional_of(hint)
+    if optional is not None:
+        return f"{_describe(optional)} or null"
+    if typing.get_origin(hint) is list:
+        (item,) = typing.get_args(hint)
+        return {int: "a list of integers", float: "a list of numbers"}.get(item, f"a list of {_describe(item)}")
+    return {int: "an integer", float: "a number (float)", bool: "true or false", str: "a string"}.get(
+        hint, getattr(hint, "__name__", str(hint)))
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from monai.losses import DiceLoss
 
-_dice = DiceLoss(sigmoid=False, reduction="mean")
+# Dice on sigmoid(logits): MONAI applies the sigmoid itself, on the fp32 logits handed to it below.
+_dice = DiceLoss(sigmoid=True, reduction="mean")
 
 
 def kl_per_sample(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -46,12 +47,19 @@ def r1_penalty(real_logit: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
     return grad.pow(2).flatten(1).sum(1).mean()
 
 
-def mask_loss(pred: torch.Tensor, target: torch.Tensor, *, dice_weight: float, bce_weight: float) -> torch.Tensor:
-    """Dice + BCE on the mask channel(s); ``pred`` is a sigmoid map in [0, 1]."""
-    pred = pred.float()
-    target = target.float()
-    bce = F.binary_cross_entropy(pred.clamp(1e-6, 1 - 1e-6), target)
-    return dice_weight * _dice(pred, target) + bce_weight * bce
+def mask_loss(logits: torch.Tensor, target: torch.Tensor, *, dice_weight: float, bce_weight: float) -> torch.Tensor:
+    """Dice + BCE on the mask channel(s), from G's **logits**, always in fp32.
+
+    CUDA autocast refuses ``F.binary_cross_entropy`` on probabilities (it is unsafe in reduced
+    precision), so the BCE is taken on logits (``binary_cross_entropy_with_logits``, log-sum-exp
+    stable) and the Dice on ``sigmoid(logits)``; autocast is switched off here so that neither
+    is computed in bf16, whatever region the caller is in.
+    """
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        logits = logits.float()
+        target = target.float()
+        bce = F.binary_cross_entropy_with_logits(logits, target)
+        return dice_weight * _dice(logits, target) + bce_weight * bce
 
 
 def bernoulli_nll(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -6,12 +6,17 @@ directly with ``sqlite:///mlflow.db`` as the default store.
 
 A remote tracking server that cannot be reached, at the start or mid-run, never stops
 training: the tracker warns once and continues in a local sqlite store under the
-output folder (a new run tagged with the one it replaces).
+output folder (a new run tagged with the one it replaces). The run left behind on the
+server is an *orphan* (still RUNNING there): it is written to ``OUT/mlflow_orphans.json``
+and, as soon as its server answers again (at the end of this run or at the start of a
+later one in the same OUT), tagged with the run that continued it and ended as KILLED.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import urllib.parse
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -29,6 +34,14 @@ _MAX_PARAM_LEN = 500
 
 def _is_remote(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
+
+
+def redact_uri(uri: str) -> str:
+    """The URI without user:password, for tags and messages."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.username or parts.password:
+        parts = parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else ""))
+    return urllib.parse.urlunsplit(parts)
 
 
 def _reachable(uri: str) -> bool:
@@ -60,11 +73,22 @@ class MlflowTracker:
         self.tags = dict(tags or {})
         self.system_metrics = system_metrics
         self.fallback_uri = f"sqlite:///{Path(fallback_dir).resolve() / 'mlflow.db'}"
+        self._orphans_file = Path(fallback_dir) / "mlflow_orphans.json"
         self._config: dict[str, Any] | None = None
+        self.settle_orphans()
+        orphan = None
         if not _reachable(tracking_uri):
             self._warn(tracking_uri)
-            tracking_uri, resume_run_id = self.fallback_uri, None
+            if resume_run_id:
+                # The run to continue lives on the server: link a run in the local store to it.
+                self.tags["resumed_from_run"] = resume_run_id
+                self.tags["resumed_from_tracking_uri"] = redact_uri(tracking_uri)
+                orphan = {"tracking_uri": tracking_uri, "run_id": resume_run_id}
+                resume_run_id = self._continuation_in_fallback(resume_run_id)
+            tracking_uri = self.fallback_uri
         self._start(tracking_uri, resume_run_id)
+        if orphan:
+            self._add_orphan(orphan)
 
     def _start(self, uri: str, resume_run_id: str | None) -> None:
         if _is_remote(uri):
@@ -99,10 +123,61 @@ class MlflowTracker:
             except Exception:  # noqa: BLE001 - the server is gone; nothing more to tell it
                 pass
             self.tags["replaces_run"] = lost
+            orphan = {"tracking_uri": self.tracking_uri, "run_id": lost}
             self._start(self.fallback_uri, None)
+            self._add_orphan(orphan)
             if self._config is not None:
                 self._log_config(self._config)
             return fn()
+
+    def _continuation_in_fallback(self, run_id: str) -> str | None:
+        """A run in the local store that already continues ``run_id`` (an earlier resume fell back too)."""
+        try:
+            client = MlflowClient(tracking_uri=self.fallback_uri)
+            experiment = client.get_experiment_by_name(self.experiment)
+            if experiment is None:
+                return None
+            runs = client.search_runs([experiment.experiment_id], f"tags.resumed_from_run = '{run_id}'",
+                                      order_by=["attributes.start_time DESC"], max_results=1)
+            return runs[0].info.run_id if runs else None
+        except Exception:  # noqa: BLE001 - no usable local store yet: start a new run
+            return None
+
+    def _read_orphans(self) -> list[dict[str, str]]:
+        try:
+            return json.loads(self._orphans_file.read_text())
+        except (OSError, ValueError):
+            return []
+
+    def _add_orphan(self, orphan: dict[str, str]) -> None:
+        orphans = [o for o in self._read_orphans() if o["run_id"] != orphan["run_id"]]
+        orphans.append(orphan | {"continued_in_run": self.run_id, "continued_in_tracking_uri": self.tracking_uri})
+        self._orphans_file.parent.mkdir(parents=True, exist_ok=True)
+        self._orphans_file.write_text(json.dumps(orphans, indent=1))
+
+    def settle_orphans(self) -> None:
+        """End runs left RUNNING on a server that was unreachable, once it answers: tag the continuation, KILLED."""
+        orphans = self._read_orphans()
+        if not orphans:
+            return
+        left = []
+        for orphan in orphans:
+            uri = orphan["tracking_uri"]
+            try:
+                if not _reachable(uri):
+                    raise ConnectionError(uri)
+                client = MlflowClient(tracking_uri=uri)
+                client.set_tag(orphan["run_id"], "continued_in_run", orphan["continued_in_run"])
+                client.set_tag(orphan["run_id"], "continued_in_tracking_uri",
+                               redact_uri(orphan["continued_in_tracking_uri"]))
+                if client.get_run(orphan["run_id"]).info.status == "RUNNING":
+                    client.set_terminated(orphan["run_id"], status="KILLED")
+            except Exception:  # noqa: BLE001 - still unreachable (or gone): try again next time
+                left.append(orphan)
+        if left:
+            self._orphans_file.write_text(json.dumps(left, indent=1))
+        else:
+            self._orphans_file.unlink(missing_ok=True)
 
     @staticmethod
     def _run_exists(run_id: str) -> bool:
@@ -162,6 +237,7 @@ class MlflowTracker:
         except Exception:  # noqa: BLE001 - ending a run on a server that went away must not mask the result
             if not _is_remote(self.tracking_uri):
                 raise
+        self.settle_orphans()
 
 
 class NullTracker:

@@ -3,10 +3,13 @@
 Every helper is a no-op in a single process, so the same code runs with and without
 ``torchrun``. See docs/multi-gpu.md for how a run is launched and what each rank does.
 
-Why no ``DistributedDataParallel`` wrapper: its reducer assumes one backward per forward
-over all parameters, while a GVAE step routes different losses into E, G and D with
-``torch.autograd.grad`` and calls D several times. The trainer instead averages the
-gradients it hands to each optimiser (:func:`average_gradients`), averages the
+Why no ``DistributedDataParallel`` wrapper: its reducer hooks ``.backward()`` and assumes one
+backward per forward over all parameters, while a GVAE step routes different losses into
+E, G and D with ``torch.autograd.grad`` (which DDP's hooks never see) and calls D several
+times; the VAE and GAN steps use the same routing, so one mechanism serves all three. The
+trainer instead averages the gradients it hands to each optimiser with one coalesced
+all-reduce per optimiser step (:func:`average_gradients`: flattened into DDP-sized
+buckets, launched asynchronously, then waited on), averages the
 BatchNorm statistics after each step (:func:`average_norm_stats`) and starts every
 rank from rank 0's weights (:func:`broadcast_module`); everything else that is state
 (Adam moments, EMA generator, spectral-norm vectors) is then a deterministic function
@@ -143,8 +146,44 @@ def all_gather_object(obj: Any) -> list[Any]:
     return out
 
 
+BUCKET_BYTES = 25 * 2**20  # DDP's default bucket_cap_mb
+
+
+def buckets(tensors: Sequence[torch.Tensor], cap_bytes: int = BUCKET_BYTES) -> list[list[torch.Tensor]]:
+    """Consecutive groups of one dtype and device, each at most ``cap_bytes`` (a larger tensor alone)."""
+    out: list[list[torch.Tensor]] = []
+    size = 0
+    for t in tensors:
+        nbytes = t.numel() * t.element_size()
+        last = out[-1] if out else None
+        if last is None or size + nbytes > cap_bytes or (t.dtype, t.device) != (last[0].dtype, last[0].device):
+            out.append([t])
+            size = nbytes
+        else:
+            last.append(t)
+            size += nbytes
+    return out
+
+
+def _coalesced_(tensors: Sequence[torch.Tensor], collective, divide_by: int = 1) -> None:
+    """Run ``collective(flat) -> work`` on flat bucket copies of ``tensors`` (all launched, then waited),
+    divide by ``divide_by``, copy back."""
+    pending = []
+    for bucket in buckets(tensors):
+        flat = torch.cat([t.detach().reshape(-1) for t in bucket])
+        pending.append((bucket, flat, collective(flat)))
+    for bucket, flat, work in pending:
+        work.wait()
+        if divide_by != 1:
+            flat /= divide_by
+        offset = 0
+        for t in bucket:
+            t.detach().copy_(flat[offset: offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+
 def _all_reduce_mean_(tensors: Sequence[torch.Tensor]) -> None:
-    """Average ``tensors`` in place across ranks through one flat buffer.
+    """Average ``tensors`` in place across ranks, one all-reduce per 25 MB bucket.
 
     All-reduce hands every rank the same reduced buffer (ring/tree reduce, then the
     result is copied out, never reduced again per rank), so the averages are bitwise
@@ -153,13 +192,8 @@ def _all_reduce_mean_(tensors: Sequence[torch.Tensor]) -> None:
     """
     if not tensors:
         return
-    flat = torch.cat([t.detach().reshape(-1) for t in tensors])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    flat /= world_size()
-    offset = 0
-    for t in tensors:
-        t.detach().copy_(flat[offset: offset + t.numel()].view_as(t))
-        offset += t.numel()
+    _coalesced_(tensors, lambda flat: dist.all_reduce(flat, op=dist.ReduceOp.SUM, async_op=True),
+                divide_by=world_size())
 
 
 def average_gradients(params: Iterable[torch.nn.Parameter]) -> None:
@@ -218,5 +252,5 @@ def broadcast_module(module: torch.nn.Module) -> None:
     """Make every rank start from rank 0's parameters and buffers (spectral-norm vectors included)."""
     if not is_distributed():
         return
-    for tensor in list(module.parameters()) + list(module.buffers()):
-        dist.broadcast(tensor.data, src=0)
+    _coalesced_(list(module.parameters()) + list(module.buffers()),
+                lambda flat: dist.broadcast(flat, src=0, async_op=True))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -56,43 +56,50 @@ class Preview:
 
 
 def fit(trainer: Trainer, batches: BatchSource, *, steps: int, checkpoint_path: Path, tracker, preview: Preview,
-        extra_state: dict | None = None, progress: bool = True) -> dict[str, float]:
-    """Train up to ``steps`` total steps (continuing from ``trainer.step``); return the last logged values."""
+        extra_state: Callable[[], dict] | None = None, progress: bool = True) -> dict[str, float]:
+    """Train up to ``steps`` total steps (continuing from ``trainer.step``); return the last logged values.
+
+    Losses are read on the host only at logging steps (and at epoch ends for the epoch means);
+    every other step runs without waiting for the device.
+    """
     tc = trainer.cfg.train
     main = distributed.is_main_process()
     bar = tqdm(total=steps, initial=trainer.step, disable=not (progress and main), dynamic_ncols=True,
                desc=f"{trainer.cfg.model.kind}")
     logs: dict[str, float] = {}
     window_images, window_start = 0, time.perf_counter()
-    epoch_sums: dict[str, float] = {}
+    epoch_sums: dict[str, torch.Tensor] = {}
     epoch_steps = 0
     while trainer.step < steps:
+        upcoming = trainer.step + 1
+        log_now = upcoming % tc.log_every == 0 or upcoming == steps
+        checkpoint_now = upcoming % tc.checkpoint_every == 0 or upcoming == steps
         x = batches.batch(trainer.step)
-        logs = trainer.train_step(x)
+        step_logs = trainer.train_step(x, check=log_now or checkpoint_now)
         window_images += x.shape[0] * distributed.world_size()
         step = trainer.step
-        last = step == steps
-        for key, value in logs.items():
-            epoch_sums[key] = epoch_sums.get(key, 0.0) + value
+        for key, value in step_logs.items():
+            epoch_sums[key] = epoch_sums[key] + value if key in epoch_sums else value.detach().float().clone()
         epoch_steps += 1
         if step % batches.steps_per_epoch == 0:
             # Per-epoch metrics: the mean of each loss over the epoch's steps run in this process.
-            tracker.log_metrics({f"epoch/{k}": v / epoch_steps for k, v in epoch_sums.items()}, step=step)
+            tracker.log_metrics({f"epoch/{k}": float(v) / epoch_steps for k, v in epoch_sums.items()}, step=step)
             epoch_sums, epoch_steps = {}, 0
-        if step % tc.log_every == 0 or last:
+        if log_now:
             elapsed = time.perf_counter() - window_start
+            logs = {k: float(v) for k, v in step_logs.items()}
             logs["perf/images_per_s"] = window_images / max(elapsed, 1e-9)
             window_images, window_start = 0, time.perf_counter()
             tracker.log_metrics(logs, step=step)
             bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in logs.items()
                              if k.startswith(("loss/", "perf/"))}, refresh=False)
-        if main and (step % tc.sample_every == 0 or last):
+        if main and (step % tc.sample_every == 0 or step == steps):
             for key, grid in preview.grids().items():
                 tracker.log_image(key, grid, step=step)
-        if step % tc.checkpoint_every == 0 or last:
+        if checkpoint_now:
             state = trainer.state_dict()  # every rank: it gathers the per-rank noise RNG states
             if main:
-                save_checkpoint({**state, **(extra_state or {})}, checkpoint_path)
+                save_checkpoint({**state, **(extra_state() if extra_state else {})}, checkpoint_path)
         bar.update(1)
     bar.close()
     return logs

@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from pancreas_gvae.config import Config
+from pancreas_gvae.config import Config, flatten
 from pancreas_gvae.errors import PipelineError, TrainingDiverged
 from pancreas_gvae.models import build_model
 from pancreas_gvae.tracking import MlflowTracker, NullTracker
@@ -42,6 +42,25 @@ def out_of_memory_advice(cfg: Config) -> str:
             "Resume with --resume: the last checkpoint is intact")
 
 
+def config_changes(old: dict, new: dict) -> list[tuple[str, object, object]]:
+    """``(key, checkpoint value, new value)`` for every config key that differs (dotted keys, sorted)."""
+    a, b = flatten(old), flatten(new)
+    missing = object()
+    return [(k, a.get(k, missing), b.get(k, missing)) for k in sorted(set(a) | set(b))
+            if a.get(k, missing) != b.get(k, missing)]
+
+
+def check_resumable(old: dict, new: dict, ckpt: Path) -> list[tuple[str, object, object]]:
+    """The changes a resumed run will apply; a model change (shapes, kind) is refused, naming the key."""
+    changes = config_changes(old, new)
+    model = [(k, a, b) for k, a, b in changes if k.startswith("model.")]
+    if model:
+        key, was, now = model[0]
+        raise PipelineError(f"cannot resume {ckpt}: {key} was {was!r} in the checkpoint, now {now!r} (a model change "
+                            "alters the networks); resume with the checkpoint's model settings or start a new --out")
+    return changes
+
+
 def checkpoint_path(out_dir: Path) -> Path:
     return Path(out_dir) / "checkpoints" / "last.pt"
 
@@ -62,12 +81,12 @@ def train_run(cfg: Config, batches: BatchSource, preview_images: torch.Tensor, *
         if not ckpt.is_file():
             raise PipelineError(f"--resume given but no checkpoint at {ckpt}; run without --resume to start fresh")
         state = load_checkpoint(ckpt, map_location=device)
-        if state["config"]["model"] != cfg.to_dict()["model"]:
-            raise PipelineError(f"checkpoint {ckpt} was trained with another model config; "
-                                "resume with the same --config/overrides or use a new --out")
-        trainer.load_state_dict(state)
+        changes = check_resumable(state["config"], cfg.to_dict(), ckpt)
+        trainer.load_state_dict(state)  # the optimisers get this run's learning rates and betas
         run_id = state.get("mlflow_run_id")
         distributed.print0(f"resuming from {ckpt} at step {trainer.step}")
+        for key, was, now in changes:
+            distributed.print0(f"  {key}: {was!r} -> {now!r}")
 
     main = distributed.is_main_process()
     tc = cfg.tracking
@@ -81,7 +100,7 @@ def train_run(cfg: Config, batches: BatchSource, preview_images: torch.Tensor, *
     start = time.perf_counter()
     try:
         logs = fit(trainer, batches, steps=cfg.train.steps, checkpoint_path=ckpt, tracker=tracker, preview=preview,
-                   extra_state={"mlflow_run_id": tracker.run_id}, progress=progress)
+                   extra_state=lambda: {"mlflow_run_id": tracker.run_id}, progress=progress)
         if main:
             for key, grid in preview.grids().items():
                 tracker.log_artifact(save_png(grid, out_dir / f"{key}.png"), artifact_path="final")

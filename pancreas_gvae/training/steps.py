@@ -5,7 +5,12 @@ GVAE (VAE/GAN, Larsen et al. 2016):
   E: beta * KL + feature reconstruction ||D_l(x) - D_l(G(z_e))||^2 + pixel L1; no adversarial gradient.
   G: adversarial loss on G(z_e) and G(z_p) + the same reconstruction terms.
 E and G get their gradients from their own losses through ``torch.autograd.grad``,
-which is how "no adversarial gradient into E" is enforced exactly.
+which is how "no adversarial gradient into E" is enforced exactly; they are also clipped
+separately (a joint norm would let the adversarial loss rescale E's update).
+
+Each step returns ``(logs, codes)``: the losses as 0-d tensors (read on the host only at
+logging steps) and the latent codes G was run on, which keep the EMA generator's own
+normalisation statistics (see ``Trainer.train_step``).
 """
 
 from __future__ import annotations
@@ -28,14 +33,15 @@ def _set_requires_grad(module: torch.nn.Module, flag: bool) -> None:
         p.requires_grad_(flag)
 
 
-def _image_recon(tr: "Trainer", pred: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Pixel L1 on the image channels; Dice + BCE on the mask channels (CT)."""
+def _image_recon(tr: "Trainer", logits: torch.Tensor, pred: torch.Tensor,
+                 target: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Pixel L1 on the image channels (``pred = sigmoid(logits)``); Dice + BCE on the mask channels' logits (CT)."""
     lc = tr.cfg.loss
     k = tr.cfg.model.mask_channels
     n_img = pred.shape[1] - k
     terms = {"recon/pixel_l1": lc.pixel_l1 * F.l1_loss(pred[:, :n_img].float(), target[:, :n_img].float())}
     if k:
-        terms["recon/mask"] = L.mask_loss(pred[:, n_img:], target[:, n_img:],
+        terms["recon/mask"] = L.mask_loss(logits[:, n_img:], target[:, n_img:],
                                           dice_weight=lc.mask_dice, bce_weight=lc.mask_bce)
     return terms
 
@@ -52,18 +58,23 @@ def _d_update(tr: "Trainer", x: torch.Tensor, fakes: list[torch.Tensor], logs: d
     if lc.r1_gamma > 0:
         loss_d = loss_d + 0.5 * lc.r1_gamma * L.r1_penalty(real_logit.float(), real)
     tr.check_finite({"loss/d": loss_d})
-    logs["loss/d"] = loss_d
-    logs["d/real_logit"] = real_logit.float().mean()
-    logs["d/fake_logit"] = torch.stack([f.float().mean() for f in fake_logits]).mean()
+    logs["loss/d"] = loss_d.detach()
+    logs["d/real_logit"] = real_logit.detach().float().mean()
+    logs["d/fake_logit"] = torch.stack([f.detach().float().mean() for f in fake_logits]).mean()
     # Decided on the mean over ranks, so every rank skips (or not) together and collectives stay in step.
+    # Equilibrium gating is the one opt-in setting that reads a loss on the host every step.
     skip = lc.d_gate_loss is not None and float(distributed.mean_across_ranks(loss_d.detach())) < lc.d_gate_loss
     logs["d/skipped"] = torch.tensor(float(skip))
     if not skip:
-        tr.apply(tr.opt_d, list(D.parameters()), torch.autograd.grad(loss_d, list(D.parameters())))
+        params = list(D.parameters())
+        tr.apply(tr.opt_d, {"d": (params, torch.autograd.grad(loss_d, params))})
     _set_requires_grad(D, False)
 
 
-def gvae_step(tr: "Trainer", x: torch.Tensor) -> dict[str, torch.Tensor]:
+Codes = list[torch.Tensor]
+
+
+def gvae_step(tr: "Trainer", x: torch.Tensor) -> tuple[dict[str, torch.Tensor], Codes]:
     lc = tr.cfg.loss
     E, G, D = tr.model.encoder, tr.model.generator, tr.model.discriminator
     logs: dict[str, torch.Tensor] = {}
@@ -71,7 +82,8 @@ def gvae_step(tr: "Trainer", x: torch.Tensor) -> dict[str, torch.Tensor]:
         mu, logvar = E(x)
         z_e = reparameterize(mu.float(), logvar.float(), tr.noise)
         z_p = torch.randn(z_e.shape, generator=tr.noise, device=x.device)
-        x_rec = torch.sigmoid(G(z_e))
+        rec_logits = G(z_e)
+        x_rec = torch.sigmoid(rec_logits)
         x_prior = torch.sigmoid(G(z_p))
     _d_update(tr, x, [x_rec, x_prior], logs)
 
@@ -79,7 +91,7 @@ def gvae_step(tr: "Trainer", x: torch.Tensor) -> dict[str, torch.Tensor]:
         feat_real, _ = D(x)
         feat_rec, logit_rec = D(x_rec)
         _, logit_prior = D(x_prior)
-        recon_terms = _image_recon(tr, x_rec, x)
+        recon_terms = _image_recon(tr, rec_logits, x_rec, x)
         recon_terms["recon/feature"] = lc.feature_recon * F.mse_loss(feat_rec.float(), feat_real.detach().float())
         recon = torch.stack(list(recon_terms.values())).sum()
         kl = L.kl_loss(mu.float(), logvar.float(), x[0].numel())
@@ -90,12 +102,13 @@ def gvae_step(tr: "Trainer", x: torch.Tensor) -> dict[str, torch.Tensor]:
     e_params, g_params = list(E.parameters()), list(G.parameters())
     grads_e = torch.autograd.grad(loss_e, e_params, retain_graph=True)
     grads_g = torch.autograd.grad(loss_g, g_params)
-    tr.apply(tr.opt_g, e_params + g_params, grads_e + grads_g)
-    logs.update(recon_terms, **{"loss/e": loss_e, "loss/g": loss_g, "kl": kl * x[0].numel()})
-    return logs
+    tr.apply(tr.opt_g, {"e": (e_params, grads_e), "g": (g_params, grads_g)})
+    logs.update({k: v.detach() for k, v in recon_terms.items()},
+                **{"loss/e": loss_e.detach(), "loss/g": loss_g.detach(), "kl": (kl * x[0].numel()).detach()})
+    return logs, [z_e.detach(), z_p]
 
 
-def vae_step(tr: "Trainer", x: torch.Tensor) -> dict[str, torch.Tensor]:
+def vae_step(tr: "Trainer", x: torch.Tensor) -> tuple[dict[str, torch.Tensor], Codes]:
     lc = tr.cfg.loss
     E, G = tr.model.encoder, tr.model.generator
     with tr.autocast():
@@ -109,20 +122,21 @@ def vae_step(tr: "Trainer", x: torch.Tensor) -> dict[str, torch.Tensor]:
     kl = L.kl_per_sample(mu.float(), logvar.float())
     n_el = x[0].numel()
     loss = (nll.mean() + tr.beta() * kl.mean()) / n_el
-    logs = {"nll": nll.mean(), "kl": kl.mean()}
+    logs = {"nll": nll.detach().mean(), "kl": kl.detach().mean()}
     if tr.cfg.model.mask_channels:
         k = tr.cfg.model.mask_channels
-        logs["recon/mask"] = L.mask_loss(torch.sigmoid(logits[:, -k:]), x[:, -k:], dice_weight=lc.mask_dice,
-                                         bce_weight=0.0)
-        loss = loss + logs["recon/mask"]
+        mask = L.mask_loss(logits[:, -k:], x[:, -k:], dice_weight=lc.mask_dice, bce_weight=0.0)
+        logs["recon/mask"] = mask.detach()
+        loss = loss + mask
     tr.check_finite({"loss/vae": loss})
-    params = list(E.parameters()) + list(G.parameters())
-    tr.apply(tr.opt_g, params, torch.autograd.grad(loss, params))
-    logs["loss/vae"] = loss
-    return logs
+    e_params, g_params = list(E.parameters()), list(G.parameters())
+    grads = torch.autograd.grad(loss, e_params + g_params)
+    tr.apply(tr.opt_g, {"e": (e_params, grads[:len(e_params)]), "g": (g_params, grads[len(e_params):])})
+    logs["loss/vae"] = loss.detach()
+    return logs, [z.detach()]
 
 
-def gan_step(tr: "Trainer", x: torch.Tensor) -> dict[str, torch.Tensor]:
+def gan_step(tr: "Trainer", x: torch.Tensor) -> tuple[dict[str, torch.Tensor], Codes]:
     lc = tr.cfg.loss
     G, D = tr.model.generator, tr.model.discriminator
     logs: dict[str, torch.Tensor] = {}
@@ -135,9 +149,9 @@ def gan_step(tr: "Trainer", x: torch.Tensor) -> dict[str, torch.Tensor]:
         loss_g = L.g_adversarial([logit], lc.adversarial)
     tr.check_finite({"loss/g": loss_g})
     params = list(G.parameters())
-    tr.apply(tr.opt_g, params, torch.autograd.grad(loss_g, params))
-    logs["loss/g"] = loss_g
-    return logs
+    tr.apply(tr.opt_g, {"g": (params, torch.autograd.grad(loss_g, params))})
+    logs["loss/g"] = loss_g.detach()
+    return logs, [z]
 
 
 STEPS = {"gvae": gvae_step, "vae": vae_step, "gan": gan_step}

@@ -1,7 +1,11 @@
 """The trainer owns the model, both optimisers, the EMA generator and the noise RNG.
 
 Everything that influences the next step is in :meth:`Trainer.state_dict`, so a run
-resumed from a checkpoint continues bit-for-bit on CPU.
+resumed from a checkpoint continues bit-for-bit on CPU. On a GPU the step never waits
+for the device except where asked: losses stay tensors (read at logging steps), the
+finiteness check is accumulated on the device and read at checking steps (every logging
+and checkpoint step, so a checkpoint is never written after a non-finite step), and the
+EMA decay is computed on the host.
 """
 
 from __future__ import annotations
@@ -27,15 +31,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _ema_with_warmup(decay: float):
-    """EMA whose decay ramps as min(decay, (1 + n) / (10 + n)), so early averages are not dominated by the init."""
+def ema_decay(decay: float, n_averaged: int) -> float:
+    """EMA decay with warm-up, min(decay, (1 + n) / (10 + n)), so early averages are not dominated by the init."""
+    return min(decay, (1.0 + n_averaged) / (10.0 + n_averaged))
 
-    def avg_fn(averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
-        n = float(num_averaged)
-        d = min(decay, (1.0 + n) / (10.0 + n))
-        return d * averaged + (1.0 - d) * current
 
-    return avg_fn
+def _has_norm_stats(module: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.nn.modules.batchnorm._NormBase) and m.track_running_stats
+               for m in module.modules())
 
 
 class Trainer:
@@ -58,13 +61,20 @@ class Trainer:
         self.opt_g = torch.optim.Adam(gen_params, lr=tc.lr_g, betas=tuple(tc.betas))
         self.opt_d = (torch.optim.Adam(model.discriminator.parameters(), lr=tc.lr_d, betas=tuple(tc.betas))
                       if model.discriminator is not None else None)
-        self.ema = AveragedModel(model.generator, avg_fn=_ema_with_warmup(tc.ema_decay), use_buffers=False)
+        # AveragedModel is the container (checkpoint keys ``module.*`` and ``n_averaged``, read by the
+        # exporters); the update itself is :meth:`update_ema`, because AveragedModel.update_parameters
+        # reads ``n_averaged`` on the host every step (a device sync on a GPU).
+        self.ema = AveragedModel(model.generator, use_buffers=False)
+        self._ema_count = 0  # host copy of ema.n_averaged
         # Model noise (eps, z_p) comes from its own generator, seeded per rank, saved in checkpoints.
         self.noise = torch.Generator(device=device).manual_seed(tc.seed * 1009 + distributed.rank())
         self.precision = self._resolve_precision(tc.precision)
         self.step = 0
         self._step_fn = STEPS[cfg.model.kind]
-        self.grad_norms: dict[str, float] = {}
+        self.grad_norms: dict[str, torch.Tensor] = {}
+        # Per loss name: (first non-finite step or -1, its value), kept on the device.
+        self._nonfinite: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._check_now = True
 
     def _resolve_precision(self, name: str) -> str:
         if name == "auto":
@@ -83,46 +93,109 @@ class Trainer:
         return lc.beta_kl * min(1.0, self.step / lc.kl_warmup_steps)
 
     def check_finite(self, losses: dict[str, torch.Tensor]) -> None:
-        values = {name: float(value.detach()) for name, value in losses.items()}
-        local = [not math.isfinite(v) for v in values.values()]
+        """Record non-finite losses on the device; raise at checking steps (see :meth:`train_step`)."""
+        for name, value in losses.items():
+            v = value.detach().float().reshape(())
+            first, seen = self._nonfinite.get(name) or (torch.full((), -1, dtype=torch.long, device=v.device),
+                                                         torch.zeros((), device=v.device))
+            new = ~torch.isfinite(v) & (first < 0)
+            self._nonfinite[name] = (torch.where(new, self.step, first), torch.where(new, v, seen))
+        if self._check_now:
+            self.raise_if_diverged()
+
+    def raise_if_diverged(self) -> None:
+        """Stop with :class:`TrainingDiverged` if any loss was non-finite on any rank (a collective)."""
+        if not self._nonfinite:
+            return
+        names = list(self._nonfinite)
+        firsts = torch.stack([first for first, _ in self._nonfinite.values()]).tolist()
+        values = torch.stack([value for _, value in self._nonfinite.values()]).tolist()
+        local = [f >= 0 for f in firsts]
         # Agreed over all ranks, so every rank stops at the same step instead of the others
         # waiting forever in the next gradient all-reduce.
-        anywhere = distributed.any_across_ranks(local, device=next(iter(losses.values())).device)
-        for (name, v), here, bad in zip(values.items(), local, anywhere):
+        anywhere = distributed.any_across_ranks(local, device=next(iter(self._nonfinite.values()))[0].device)
+        for name, first, value, here, bad in zip(names, firsts, values, local, anywhere):
             if bad:
+                what = f"became {value} at step {first}" if here else \
+                    f"became non-finite on another process at step {self.step} or earlier"
                 raise TrainingDiverged(
-                    f"{name} became {v if here else 'non-finite on another process'} at step {self.step}; weights "
-                    "from before this step are kept in the last "
-                    "checkpoint. Lower train.lr_g / train.lr_d, raise loss.kl_warmup_steps, or enable "
-                    "model.spectral_norm, then resume with --resume"
+                    f"{name} {what}; the last checkpoint holds weights from before it. Lower train.lr_g / "
+                    "train.lr_d (e.g. --set train.lr_g=1e-4) or raise loss.kl_warmup_steps, then rerun with "
+                    "--resume: a resumed run applies the new optimisation settings to the restored state. "
+                    "Model changes (e.g. model.spectral_norm) need a fresh run in a new --out"
                 )
 
-    def apply(self, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter],
-              grads: tuple[torch.Tensor, ...]) -> None:
-        """Set gradients, average them across ranks, clip, step."""
-        for p, g in zip(params, grads):
-            p.grad = g
+    def apply(self, optimizer: torch.optim.Optimizer,
+              groups: dict[str, tuple[list[torch.nn.Parameter], tuple[torch.Tensor, ...]]]) -> None:
+        """Set gradients, average them across ranks (one coalesced all-reduce), clip each group on its own, step.
+
+        Groups are clipped separately (E and G in the GVAE): with one joint norm, G's adversarial
+        gradient would rescale E's update and so reach E after all.
+        """
+        params: list[torch.nn.Parameter] = []
+        for group_params, grads in groups.values():
+            for p, g in zip(group_params, grads):
+                p.grad = g
+            params += group_params
         distributed.average_gradients(params)
         if self.cfg.train.grad_clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip)
-            self.grad_norms["d" if optimizer is self.opt_d else "g"] = float(norm)
+            for name, (group_params, _) in groups.items():
+                # A tensor: read on the host only when logged.
+                self.grad_norms[name] = torch.nn.utils.clip_grad_norm_(group_params, self.cfg.train.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    def train_step(self, x: torch.Tensor) -> dict[str, float]:
+    @torch.no_grad()
+    def update_ema(self, codes: list[torch.Tensor]) -> None:
+        """Average G's weights into the EMA generator; then update the EMA generator's own norm statistics.
+
+        The statistics come from running the EMA generator itself (train mode, no gradient) on the
+        codes G saw this step (posterior and prior codes for the GVAE): BatchNorm statistics copied
+        from the live G belong to other weights and, once the two drift apart, turn samples grey.
+        """
+        ema_params = list(self.ema.module.parameters())
+        params = [p.detach() for p in self.model.generator.parameters()]
+        if self._ema_count == 0:
+            torch._foreach_copy_(ema_params, params)
+        else:
+            torch._foreach_lerp_(ema_params, params, 1.0 - ema_decay(self.cfg.train.ema_decay, self._ema_count))
+        self.ema.n_averaged += 1
+        self._ema_count += 1
+        ema = self.ema.module
+        if _has_norm_stats(ema):
+            ema.train()
+            with self.autocast():
+                ema(torch.cat([z.detach() for z in codes]))
+            distributed.average_norm_stats(ema)
+
+    def train_step(self, x: torch.Tensor, *, check: bool = True) -> dict[str, torch.Tensor]:
+        """One step; returns its losses as detached 0-d tensors.
+
+        ``check=False`` defers the finiteness check (no host-device sync): the training loop passes
+        ``True`` only on logging and checkpoint steps; a non-finite loss in between is reported with
+        the step it first happened at.
+        """
         self.model.train()
         x = x.to(self.device, non_blocking=True)
-        logs = self._step_fn(self, x)
-        distributed.average_norm_stats(self.model)  # before the EMA copies G's buffers below
-        self.ema.update_parameters(self.model.generator)
-        # BatchNorm statistics are copied, not averaged: averaged running variances do not
-        # match averaged weights early on and turn every sample grey.
-        for ema_buf, buf in zip(self.ema.module.buffers(), self.model.generator.buffers()):
-            ema_buf.copy_(buf)
+        self._check_now = check
+        logs, codes = self._step_fn(self, x)
+        distributed.average_norm_stats(self.model)
+        self.update_ema(codes)
         self.step += 1
-        out = {k: float(v.detach()) for k, v in logs.items()}
-        out.update({f"grad_norm/{k}": v for k, v in self.grad_norms.items()})
-        return out
+        logs.update({f"grad_norm/{k}": v.detach() for k, v in self.grad_norms.items()})
+        return logs
+
+    def apply_optimisation_settings(self) -> None:
+        """Learning rates and betas from the config onto the optimisers (after a restored optimiser state).
+
+        Everything else a resumed run may change (clipping, loss weights, total steps, precision,
+        logging, EMA decay) is read from ``self.cfg`` at each step already.
+        """
+        tc = self.cfg.train
+        for optimizer, lr in ((self.opt_g, tc.lr_g), (self.opt_d, tc.lr_d)):
+            for group in optimizer.param_groups if optimizer is not None else ():
+                group["lr"] = lr
+                group["betas"] = tuple(tc.betas)
 
     @property
     def ema_generator(self) -> torch.nn.Module:
@@ -157,6 +230,8 @@ class Trainer:
         if self.opt_d is not None and state.get("opt_d") is not None:
             self.opt_d.load_state_dict(state["opt_d"])
         self.ema.load_state_dict(state["ema"])
+        self._ema_count = int(self.ema.n_averaged)
+        self.apply_optimisation_settings()
         rng = state["rng"]
         per_rank = rng.get("noise_per_rank")
         if per_rank is not None and len(per_rank) == distributed.world_size():

@@ -148,8 +148,10 @@ def test_bundle_api_is_seeded_and_batch_size_invariant(bundle, tmp_path):
     for i in range(5):
         name = f"synthetic_{i:04d}_image.nii.gz"
         a, b, c = (_read(tmp_path / d / name)[0] for d in "abc")
-        np.testing.assert_array_equal(a, b)
-        assert not np.array_equal(a, c)
+        # Same codes, other batch size: CPU convolution kernels may sum in another order, so a value
+        # can land on the other side of an integer-HU rounding boundary; never more than 1 HU.
+        np.testing.assert_allclose(a, b, atol=1, rtol=0)
+        assert not np.allclose(a, c, atol=1)
         assert len(np.unique(a)) > 10, "the test generator should make images with contrast"
 
 

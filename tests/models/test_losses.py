@@ -42,9 +42,21 @@ def test_gaussian_nll_matches_manual():
 def test_mask_loss_is_small_for_perfect_prediction():
     target = torch.zeros(2, 1, 8, 8)
     target[:, :, 2:6, 2:6] = 1
-    perfect = L.mask_loss(target, target, dice_weight=1, bce_weight=1)
-    wrong = L.mask_loss(1 - target, target, dice_weight=1, bce_weight=1)
+    logits = (target * 2 - 1) * 20.0  # confident logits for the right mask
+    perfect = L.mask_loss(logits, target, dice_weight=1, bce_weight=1)
+    wrong = L.mask_loss(-logits, target, dice_weight=1, bce_weight=1)
     assert perfect.item() < 0.01 < wrong.item()
+
+
+def test_mask_loss_is_fp32_and_finite_under_bf16_autocast():
+    """Takes logits, runs outside autocast: finite for extreme logits, same value in and out of autocast."""
+    target = torch.zeros(2, 1, 8, 8)
+    target[:, :, 2:6, 2:6] = 1
+    logits = torch.randn(2, 1, 8, 8) * 30  # saturated sigmoid: BCE on probabilities would need clamping
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = L.mask_loss(logits.bfloat16(), target, dice_weight=1, bce_weight=1)
+    assert auto.dtype == torch.float32 and torch.isfinite(auto)
+    assert torch.allclose(auto, L.mask_loss(logits.bfloat16().float(), target, dice_weight=1, bce_weight=1))
 
 
 def test_r1_penalty_of_linear_critic():

@@ -72,7 +72,7 @@ def test_model_and_data_settings_must_agree(tmp_path, capsys):
 def test_out_of_memory_gives_advice_not_a_traceback(tmp_path, capsys, monkeypatch):
     from pancreas_gvae.training.trainer import Trainer
 
-    def oom(self, x):
+    def oom(self, x, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(Trainer, "train_step", oom)
