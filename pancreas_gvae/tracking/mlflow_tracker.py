@@ -39,9 +39,9 @@ def _is_remote(uri: str) -> bool:
 def redact_uri(uri: str) -> str:
     """The URI without user:password, for tags and messages."""
     parts = urllib.parse.urlsplit(uri)
-    if parts.username or parts.password:
-        parts = parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else ""))
-    return urllib.parse.urlunsplit(parts)
+    if not (parts.username or parts.password):
+        return uri  # unchanged (urlunsplit would also drop the slashes of sqlite:////abs/path)
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")))
 
 
 def _reachable(uri: str) -> bool:
@@ -79,7 +79,9 @@ class MlflowTracker:
         orphan = None
         if not _reachable(tracking_uri):
             self._warn(tracking_uri)
-            if resume_run_id:
+            if resume_run_id and self._continuation_in_fallback(resume_run_id) == resume_run_id:
+                pass  # an earlier resume fell back already: that local run goes on
+            elif resume_run_id:
                 # The run to continue lives on the server: link a run in the local store to it.
                 self.tags["resumed_from_run"] = resume_run_id
                 self.tags["resumed_from_tracking_uri"] = redact_uri(tracking_uri)
@@ -99,6 +101,7 @@ class MlflowTracker:
         mlflow.set_tracking_uri(uri)
         mlflow.set_experiment(self.experiment)
         if resume_run_id and not self._run_exists(resume_run_id):
+            self.tags.setdefault("resumed_from_run", resume_run_id)  # lives in another store: link it
             resume_run_id = None
         self.run = mlflow.start_run(run_id=resume_run_id, run_name=None if resume_run_id else self.run_name,
                                     tags=self.tags, log_system_metrics=self.system_metrics)
@@ -131,9 +134,13 @@ class MlflowTracker:
             return fn()
 
     def _continuation_in_fallback(self, run_id: str) -> str | None:
-        """A run in the local store that already continues ``run_id`` (an earlier resume fell back too)."""
+        """``run_id`` itself if it is in the local store, else a local run that continues it, else None."""
         try:
             client = MlflowClient(tracking_uri=self.fallback_uri)
+            try:
+                return client.get_run(run_id).info.run_id
+            except Exception:  # noqa: BLE001 - not a local run
+                pass
             experiment = client.get_experiment_by_name(self.experiment)
             if experiment is None:
                 return None

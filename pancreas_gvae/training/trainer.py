@@ -58,8 +58,12 @@ class Trainer:
                     part.compile()  # in place: state_dict keys stay the same, checkpoints stay portable
         distributed.broadcast_module(self.model)
         gen_params = [p for part in (model.encoder, model.generator) if part is not None for p in part.parameters()]
-        self.opt_g = torch.optim.Adam(gen_params, lr=tc.lr_g, betas=tuple(tc.betas))
-        self.opt_d = (torch.optim.Adam(model.discriminator.parameters(), lr=tc.lr_d, betas=tuple(tc.betas))
+        # Fused Adam on CUDA: one kernel per step and step counters kept on the device (the
+        # for-each/single-tensor versions read a host counter; on CPU that costs nothing).
+        fused = device.type == "cuda"
+        self.opt_g = torch.optim.Adam(gen_params, lr=tc.lr_g, betas=tuple(tc.betas), fused=fused)
+        self.opt_d = (torch.optim.Adam(model.discriminator.parameters(), lr=tc.lr_d, betas=tuple(tc.betas),
+                                       fused=fused)
                       if model.discriminator is not None else None)
         # AveragedModel is the container (checkpoint keys ``module.*`` and ``n_averaged``, read by the
         # exporters); the update itself is :meth:`update_ema`, because AveragedModel.update_parameters
