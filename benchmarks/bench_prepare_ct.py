@@ -134,7 +134,7 @@ def epoch_naive_monai(data: Path, size: int) -> tuple[float, int]:
                             allow_smaller=True),
             ScaleIntensityRanged("image", a_min=-125, a_max=275, b_min=0.0, b_max=1.0, clip=True),
         ])
-    cases = [c for c in discover(data).cases if c.excluded is None]
+    cases = [c for c in discover(data).cases if c.excluded is None and c.label is not None]
     start = time.perf_counter()
     n = 0
     for case in cases:
@@ -155,7 +155,7 @@ def epoch_own_chain(data: Path, size: int) -> tuple[float, int]:
 
     cfg = DataConfig()
     chain = build_preprocess_chain(cfg, cfg.pancreas_values("tcia"))
-    cases = [c for c in discover(data).cases if c.excluded is None]
+    cases = [c for c in discover(data).cases if c.excluded is None and c.label is not None]
     start = time.perf_counter()
     n = 0
     for case in cases:

@@ -1,10 +1,11 @@
 """Prepare a CT cohort for training: checks, world-space label pairing, preprocessing cache, manifest.
 
     python pipelines/prepare_ct.py --data-root DIR --out DIR [--labels DIR] [--layout auto|tcia|msd|folder]
-        [--pancreas-label N[,N...]] [--workers N] [--config configs/data/default.yaml] [--force]
+        [--pancreas-label N[,N...]] [--workers N] [--config configs/data/default.yaml] [--force] [--wait SECONDS]
 
 Writes ``OUT/manifest.csv`` (one row per case, ``ok`` or ``excluded`` with a reason) and ``OUT/cache/``;
-a re-run reuses every case whose cache matches the config and the source files. See docs/data.md.
+a re-run reuses every case whose cache matches the config and the source files. One run at a time per
+output folder: a second one waits ``--wait`` seconds for the first, then stops naming it. See docs/data.md.
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
                    help="data config YAML (default configs/data/default.yaml)")
     p.add_argument("--force", action="store_true", help="redo every case even when its cache is current")
+    p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                   help="wait this long for another run preparing the same --out (default 0: stop at once; "
+                        "-1: no limit)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="log details")
     return p
@@ -62,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
 
     df = prepare_dataset(args.data_root, args.out, labels=args.labels, layout=args.layout,
                          pancreas_label=args.pancreas_label, config=args.config, workers=args.workers,
-                         force=args.force, progress=not args.no_progress)
+                         force=args.force, progress=not args.no_progress, wait_s=args.wait)
     print(format_summary(df))
     print(f"manifest: {args.out / MANIFEST_NAME}")
     if not (df["status"] == "ok").any():

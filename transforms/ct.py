@@ -3,8 +3,10 @@
 Deterministic chain (:func:`build_preprocess_chain`), on ``{"image": <ordered DICOM files> | <NIfTI path>,
 "label": <NIfTI path>}``::
 
-    LoadCTd            DICOM: MONAI's ITKReader on our ordered file list; NIfTI: nibabel; channel first
-    CheckImaged        finite voxels, plausible HU; records the HU range
+    LoadCTd            DICOM: MONAI's ITKReader on our ordered file list; NIfTI: nibabel; channel first;
+                       the affines must be invertible and unsheared
+    InputIntensityd    the cohort's input intensity mapping (HU as stored, or display values of a window)
+    CheckImaged        finite voxels, plausible HU; records the HU range (and notes far outliers)
     PairLabeld         label values -> pancreas mask, extent check, resample onto the image grid in WORLD space
     CheckLabelHUd      HU under the mask must be soft tissue (catches a mis-paired label)
     Orientationd       RAS
@@ -12,13 +14,16 @@ Deterministic chain (:func:`build_preprocess_chain`), on ``{"image": <ordered DI
     SeparableSpacingd  target spacing (mm), linear for the image, nearest for the mask
     ScaleIntensityRanged  HU window -> [0, 1], clipped
 
+An image-only case (no label) runs the chain on ``image`` alone, without the two label steps.
 Every check raises :class:`~pancreas_gvae.ct.checks.CaseExcluded`; MONAI wraps errors raised inside
-``Compose`` in a RuntimeError, so callers use :func:`unwrap_exclusion` to get it back.
+``Compose`` in a RuntimeError, so callers use :func:`unwrap_exclusion` to get it back. Non-fatal findings
+are appended to ``d["qc"]["notes"]``.
 """
 
 from __future__ import annotations
 
 import math
+import re
 import zlib
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
@@ -44,13 +49,20 @@ from monai.utils import ensure_tuple
 
 from pancreas_gvae.ct.checks import (
     CaseExcluded,
+    check_affine,
     check_finite,
     check_hu_scale,
     check_label_hu,
+    hu_outlier_note,
     label_hu_stats,
 )
-from pancreas_gvae.ct.config import DataConfig
-from pancreas_gvae.ct.pairing import check_label_extent, pancreas_mask, resample_label_to_image
+from pancreas_gvae.ct.config import DataConfig, InputIntensityConfig
+from pancreas_gvae.ct.pairing import (
+    check_label_extent,
+    non_integer_label_note,
+    pancreas_mask,
+    resample_label_to_image,
+)
 
 QC_KEY = "qc"  # per-case numbers the checks measured (HU range, label stats), for the manifest
 _AXIS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))  # explicit, so MONAI does not warn about its default
@@ -124,13 +136,31 @@ def load_nifti(path: str | Path, *, dtype=np.float32) -> MetaTensor:
     return MetaTensor(torch.from_numpy(arr)[None], affine=torch.as_tensor(nii.affine, dtype=torch.float64))
 
 
+def _note(d: dict, text: str | None) -> None:
+    if text:
+        d.setdefault(QC_KEY, {}).setdefault("notes", []).append(text)
+
+
+def _reader_message(err: BaseException) -> str:
+    """One line for a reader error: ITK's "ITK ERROR: Class(0x..): text" line rather than its source location."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    itk_error = [line for line in lines if line.startswith("ITK ERROR:")]
+    text = itk_error[0].removeprefix("ITK ERROR:").strip() if itk_error else (lines[0] if lines else "")
+    return f"{type(err).__name__}: {re.sub(r'[(]0x[0-9a-fA-F]+[)]', '', text)}"[:200]
+
+
 class LoadCTd(MapTransform):
-    """Load ``image`` (ordered DICOM file list or NIfTI path) as float32 HU and ``label`` (NIfTI) as stored."""
+    """Load ``image`` (ordered DICOM file list or NIfTI path) as float32 HU and ``label`` (NIfTI) as stored.
+
+    Each affine must be invertible with perpendicular axes (:func:`check_affine`: ``degenerate_affine``,
+    ``sheared_geometry`` within ``max_shear_degrees``), before anything inverts or resamples it.
+    """
 
     def __init__(self, keys: KeysCollection = ("image", "label"), label_key: str = "label",
-                 allow_missing_keys: bool = False):
+                 allow_missing_keys: bool = False, max_shear_degrees: float = 1.0):
         super().__init__(keys, allow_missing_keys)
         self.label_key = label_key
+        self.max_shear_degrees = float(max_shear_degrees)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -149,14 +179,58 @@ class LoadCTd(MapTransform):
                 raise
             except (EOFError, OSError, ValueError, RuntimeError, TypeError, zlib.error,
                     nib.filebasedimages.ImageFileError) as err:
-                text = f"{type(err).__name__}: {err}".splitlines()[0][:200]
+                text = _reader_message(err)
                 kind = "truncated_file" if isinstance(err, EOFError) or "ended before" in text else "unreadable_file"
                 raise CaseExcluded(kind, f"cannot read the {key} ({what}): {text}") from err
+            check_affine(_affine(d[key]), f"{key} ({what})", self.max_shear_degrees)
+        return d
+
+
+class InputIntensityd(MapTransform):
+    """Apply the cohort's input intensity mapping (:class:`~pancreas_gvae.ct.config.InputIntensityConfig`).
+
+    ``hu``: nothing to do. ``display``: values outside ``display_range`` mean the declaration is wrong
+    (``implausible_hu``); with a known ``window`` the values are mapped back to HU in place (the window's
+    ends for the range's ends), with an unknown window they stay display values.
+    """
+
+    def __init__(self, keys: KeysCollection, intensity: InputIntensityConfig):
+        super().__init__(keys)
+        self.intensity = intensity
+
+    def __call__(self, data):
+        d = dict(data)
+        ii = self.intensity
+        for key in self.key_iterator(d):
+            d.setdefault(QC_KEY, {})["input_intensity"] = ii.describe()
+            if ii.kind == "hu":
+                continue
+            arr = d[key].numpy()
+            check_finite(arr, key)
+            (d0, d1), (lo, hi) = ii.display_range, (float(arr.min()), float(arr.max()))
+            if lo < d0 - 1e-3 or hi > d1 + 1e-3:
+                raise CaseExcluded("implausible_hu", f"values span {lo:g}..{hi:g}, outside the declared display "
+                                                     f"range {d0:g}..{d1:g} ({ii.describe()})")
+            if ii.window is not None:
+                w0, w1 = (float(v) for v in ii.window)
+                arr -= d0  # in place: the float32 volume is the largest array of the chain
+                arr *= (w1 - w0) / (d1 - d0)
+                arr += w0
+            else:
+                _note(d, f"hu_checks_skipped: {ii.describe()}: implausible_hu, hu_outliers and the label HU "
+                         f"median / air / fat checks need true HU")
         return d
 
 
 class CheckImaged(MapTransform):
-    """Finite voxels and a Hounsfield-looking value range; the range goes to ``d["qc"]``."""
+    """Finite voxels and a Hounsfield-looking value range (on the window's terms for windowed data; skipped for
+    display values of an unknown window); the range goes to ``d["qc"]``, far outliers to its notes."""
+
+    def __init__(self, keys: KeysCollection, intensity: InputIntensityConfig | None = None,
+                 outlier_range: Sequence[float] = (-4096.0, 32767.0)):
+        super().__init__(keys)
+        self.intensity = intensity or InputIntensityConfig()
+        self.outlier_range = list(outlier_range)
 
     def __call__(self, data):
         d = dict(data)
@@ -164,7 +238,9 @@ class CheckImaged(MapTransform):
             arr = d[key].numpy() if isinstance(d[key], torch.Tensor) else np.asarray(d[key])
             check_finite(arr, key)
             lo, hi = float(arr.min()), float(arr.max())
-            check_hu_scale(lo, hi)
+            if self.intensity.true_hu:
+                check_hu_scale(lo, hi, self.intensity.hu_floor)
+                _note(d, hu_outlier_note(arr, lo, hi, self.outlier_range))
             d.setdefault(QC_KEY, {}).update(hu_min=lo, hu_max=hi, shape=list(arr.shape[1:]),
                                             spacing=_spacing(d[key]))
         return d
@@ -189,6 +265,7 @@ class PairLabeld(MapTransform):
         image, label = d[self.image_key], d[self.label_key]
         lab = label.numpy()[0]
         check_finite(lab, "label")
+        _note(d, non_integer_label_note(lab))
         img_aff, lab_aff = _affine(image), _affine(label)
         img_shape = tuple(image.shape[1:])
         check_label_extent(img_aff, img_shape, lab_aff, lab.shape, self.tol)
@@ -201,15 +278,33 @@ class PairLabeld(MapTransform):
 
 
 class CheckLabelHUd(MapTransform):
-    """HU statistics under the paired mask (to ``d["qc"]``), then :func:`check_label_hu`."""
+    """HU statistics under the paired mask (to ``d["qc"]``), then :func:`check_label_hu`.
 
-    def __init__(self, checks, image_key: str = "image", label_key: str = "label"):
+    Windowed data (a known display window) cannot tell air below the window floor from fat: the air fraction
+    is not measured when the floor is above -500 HU, nor the fat fraction when it is above -50 HU (noted).
+    Display values of an unknown window: only the voxel count (``empty_label``) is checked.
+    """
+
+    def __init__(self, checks, image_key: str = "image", label_key: str = "label",
+                 intensity: InputIntensityConfig | None = None):
         super().__init__([image_key, label_key])
         self.checks, self.image_key, self.label_key = checks, image_key, label_key
+        self.intensity = intensity or InputIntensityConfig()
 
     def __call__(self, data):
         d = dict(data)
         stats = label_hu_stats(d[self.image_key].numpy()[0], d[self.label_key].numpy()[0])
+        nan = float("nan")
+        if not self.intensity.true_hu:
+            stats.update(label_median_hu=nan, label_air_fraction=nan, label_fat_fraction=nan)
+        else:
+            floor = self.intensity.hu_floor
+            skipped = [name for name, bound in (("air", -500.0), ("fat", -50.0)) if floor >= bound]
+            for name in skipped:
+                stats[f"label_{name}_fraction"] = nan
+            if skipped:
+                _note(d, f"label_{'_'.join(skipped)}_fraction_skipped: the window floor {floor:g} HU hides "
+                         f"{' and '.join(skipped)} below it")
         d.setdefault(QC_KEY, {}).update(stats)
         check_label_hu(stats, self.checks)
         return d
@@ -318,18 +413,31 @@ class BodyCropd(MapTransform):
         return SpatialCropd(self.keys, roi_slices=box)(d)
 
 
-def build_preprocess_chain(cfg: DataConfig, pancreas_values: Sequence[int]) -> Compose:
-    """The deterministic chain (cached per case); see the module docstring for the steps."""
-    p, keys = cfg.preprocess, ["image", "label"]
-    lo, hi = p.hu_window
-    return Compose([
-        LoadCTd(keys),
-        CheckImaged("image"),
+def build_preprocess_chain(cfg: DataConfig, pancreas_values: Sequence[int], *, has_label: bool = True) -> Compose:
+    """The deterministic chain (cached per case); see the module docstring for the steps.
+
+    ``has_label=False``: an image-only case (input ``{"image": ...}``), every image check, no label steps.
+    """
+    p, ii = cfg.preprocess, cfg.preprocess.input_intensity
+    keys = ["image", "label"] if has_label else ["image"]
+    # Windowed data: air sits at the window floor, so the body is what lies above it; display values of an
+    # unknown window are scaled from their display range instead of the HU window.
+    if ii.true_hu:
+        body_threshold, (lo, hi) = max(p.body_threshold_hu, ii.hu_floor), p.hu_window
+    else:
+        body_threshold, (lo, hi) = ii.display_range[0], ii.display_range
+    label_steps = [
         PairLabeld(pancreas_values, cfg.checks.extent_tolerance_mm),
-        CheckLabelHUd(cfg.checks),
+        CheckLabelHUd(cfg.checks, intensity=ii),
+    ] if has_label else []
+    return Compose([
+        LoadCTd(keys, max_shear_degrees=cfg.checks.max_tilt_degrees),
+        InputIntensityd("image", ii),
+        CheckImaged("image", ii, cfg.checks.hu_outlier_range),
+        *label_steps,
         Orientationd(keys, axcodes=p.orientation, labels=_AXIS_LABELS),
-        BodyCropd(keys, source_key="image", threshold=p.body_threshold_hu, margin=p.body_margin),
-        SeparableSpacingd(keys, p.spacing, mode=("linear", "nearest")),
+        BodyCropd(keys, source_key="image", threshold=body_threshold, margin=p.body_margin),
+        SeparableSpacingd(keys, p.spacing, mode=("linear", "nearest")[: len(keys)]),
         ScaleIntensityRanged("image", a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True),
     ])
 

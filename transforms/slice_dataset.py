@@ -3,6 +3,10 @@
 Only the random part runs per sample: one (or ``2 * context_slices + 1``) slices are read from the memory-
 mapped cache, fitted to ``size x size`` and returned as tensors. Which slices an epoch visits is drawn from
 ``(seed, epoch)``, so a run is reproducible; call :meth:`CTSliceDataset.set_epoch` between epochs.
+
+Image-only cases (prepared with ``labels.require_label: false``) are served with an all-zero label and
+``has_label`` 0; their slices are never counted as pancreas slices, so oversampling draws them with the
+slices without pancreas (``pos_fraction`` is the share of slices known to hold pancreas).
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ def _ok_cases(root: Path, manifest: pd.DataFrame | str | Path | None) -> dict[st
 
 def list_slices(cache_dir: str | Path, manifest: pd.DataFrame | str | Path | None = None, *,
                 cases: Iterable[str] | None = None) -> pd.DataFrame:
-    """Every (case, slice) of the ok cases: columns ``case_id, slice, pancreas_voxels, has_pancreas``.
+    """Every (case, slice) of the ok cases: ``case_id, slice, pancreas_voxels, has_pancreas, has_label``.
 
     Reads only ``meta.json`` files. ``cases`` restricts to a subset (split by case, never by slice, so that
     neighbouring slices of one patient do not end up on both sides of a split).
@@ -58,23 +62,25 @@ def list_slices(cache_dir: str | Path, manifest: pd.DataFrame | str | Path | Non
         if chash is not None and meta.get("config_hash") != chash:
             raise DataError(f"cache of {cid} was made with another config than the manifest says (re-run prepare_ct)")
         voxels = np.asarray(meta["slice_voxels"], dtype=np.int64)
-        frames.append(pd.DataFrame({"case_id": cid, "slice": np.arange(len(voxels)), "pancreas_voxels": voxels}))
+        frames.append(pd.DataFrame({"case_id": cid, "slice": np.arange(len(voxels)), "pancreas_voxels": voxels,
+                                    "has_label": bool(meta.get("has_label", True))}))
     if not frames:
         raise DataError(f"no prepared case in {root}")
     df = pd.concat(frames, ignore_index=True)
     df["has_pancreas"] = df["pancreas_voxels"] > 0
-    return df
+    return df[["case_id", "slice", "pancreas_voxels", "has_pancreas", "has_label"]]
 
 
 class CTSliceDataset(Dataset):
-    """Axial slice samples ``{"image": (C, size, size) float32 in [0, 1], "label": (1, size, size) float32 0/1}``.
+    """Axial slice samples ``{"image": (C, size, size) float32 in [0, 1], "label": (1, size, size) float32 0/1,
+    "has_label": () float32 1 or 0 (image-only case: the label is all zero and means "unknown"), "case_id", "slice"}``.
 
     Args:
         cache_dir: the prepare output folder or its ``cache/`` sub-folder.
         manifest: manifest DataFrame or path (only ``ok`` cases are used); None: every cached case.
         size: output height and width in pixels.
-        pos_fraction: share of samples drawn from slices with pancreas (oversampling); None: every slice once
-            per epoch in random order.
+        pos_fraction: share of samples drawn from slices with pancreas (oversampling), the rest from the
+            other slices (image-only cases included); None: every slice once per epoch in random order.
         context_slices: 2.5D: this many neighbours on each side as extra channels (edges repeat the end slice).
         seed: with the epoch, decides which slices are visited and every random crop.
         samples_per_epoch: epoch length; None: the number of slices.
@@ -101,10 +107,11 @@ class CTSliceDataset(Dataset):
         self.samples_per_epoch = samples_per_epoch or len(self.slices)
         self._pos = np.flatnonzero(self.slices["has_pancreas"].to_numpy())
         self._neg = np.flatnonzero(~self.slices["has_pancreas"].to_numpy())
-        if pos_fraction and len(self._pos) == 0:
+        if pos_fraction and len(self._pos) == 0 and self.slices["has_label"].all():
             raise DataError("pos_fraction > 0 but no slice of the selected cases holds pancreas")
         self._case_col = self.slices["case_id"].to_numpy()
         self._slice_col = self.slices["slice"].to_numpy()
+        self._label_col = self.slices["has_label"].to_numpy()
         self._open: dict[str, Any] = {}
         self.epoch = 0
         self.order = self._draw(0)
@@ -127,7 +134,7 @@ class CTSliceDataset(Dataset):
             base = np.arange(len(self.slices))
             reps = -(-n // len(base))
             return np.concatenate([rng.permutation(base) for _ in range(reps)])[:n]
-        n_pos = int(round(self.pos_fraction * n))
+        n_pos = int(round(self.pos_fraction * n)) if len(self._pos) else 0  # image-only cases alone: no positives
         n_neg = n - n_pos
         if n_neg and len(self._neg) == 0:
             n_pos, n_neg = n, 0  # nothing without pancreas to draw from
@@ -177,7 +184,8 @@ class CTSliceDataset(Dataset):
             image, label = self._resize(image, label, case.spacing[1:])
         else:
             image, label = self._crop(image, label, index)
-        return {"image": image.contiguous(), "label": label.contiguous(), "case_id": case_id, "slice": k}
+        return {"image": image.contiguous(), "label": label.contiguous(),
+                "has_label": torch.tensor(float(self._label_col[row])), "case_id": case_id, "slice": k}
 
     # Plain torch below: MONAI's array transforms cost milliseconds per call on one slice (MetaTensor
     # bookkeeping), more than the arithmetic; the per-sample path must stay far below the cost of a load.

@@ -24,6 +24,9 @@ REASONS: dict[str, str] = {
     "no_pixel_data": "a DICOM file of the chosen series has no Pixel Data element",
     "not_ct": "the series modality is not CT (e.g. MR)",
     "not_axial": "the slice normal is not within max_oblique_degrees of the S-I axis",
+    "invalid_orientation": "DICOM ImageOrientationPatient is not two perpendicular unit vectors (e.g. a zero vector)",
+    "degenerate_affine": "a NIfTI affine (image or label) is singular: a zero or collinear column, no voxel size",
+    "sheared_geometry": "a NIfTI affine's voxel axes are not perpendicular (sheared beyond max_tilt_degrees)",
     "gantry_tilt": "slices are stacked at an angle to their normal (GantryDetectorTilt or sheared positions)",
     "duplicate_slices": "two slices at the same position",
     "missing_slices": "a gap between slices is a multiple of the slice interval",
@@ -31,7 +34,8 @@ REASONS: dict[str, str] = {
     "inconsistent_slices": "slices of the chosen series differ in pixel spacing (or lack it)",
     "too_few_slices": "fewer slices than min_slices",
     "non_finite_voxels": "NaN or infinite voxel values",
-    "implausible_hu": "voxel values do not look like Hounsfield units (no air below -500 or nothing above 0)",
+    "implausible_hu": "voxel values do not look like Hounsfield units (no air below -500 or nothing above 0), "
+                      "or lie outside the declared display range",
     "label_extent_mismatch": "label and image cover different boxes in world space (other shape / extent)",
     "empty_label": "no (or too few) pancreas voxels after mapping the label values",
     "label_hu_check": "HU under the world-paired mask is not soft tissue (median range, air or fat fraction)",
@@ -113,6 +117,50 @@ def check_tilt(first: np.ndarray, last: np.ndarray, normal: np.ndarray, gantry_t
             )
 
 
+def check_orientation(iop: tuple[float, ...], cfg: CheckConfig) -> None:
+    """ImageOrientationPatient must be two unit vectors at right angles (within ``max_tilt_degrees``)."""
+    row, col = np.asarray(iop[:3], dtype=float), np.asarray(iop[3:], dtype=float)
+    lengths = (float(np.linalg.norm(row)), float(np.linalg.norm(col)))
+    if min(lengths) < 1e-6:
+        raise CaseExcluded("invalid_orientation", f"ImageOrientationPatient {list(iop)} has a zero direction vector")
+    angle = math.degrees(math.acos(max(-1.0, min(1.0, float(row @ col) / (lengths[0] * lengths[1])))))
+    if max(abs(n - 1.0) for n in lengths) > 0.01 or abs(angle - 90.0) > cfg.max_tilt_degrees:
+        raise CaseExcluded(
+            "invalid_orientation",
+            f"ImageOrientationPatient {list(iop)}: direction lengths {lengths[0]:.3g}, {lengths[1]:.3g} and "
+            f"{angle:.1f} deg apart (unit vectors at 90 deg expected)",
+        )
+
+
+def check_affine(affine: np.ndarray, what: str, max_shear_degrees: float) -> None:
+    """A voxel-to-world affine must be invertible with perpendicular voxel axes.
+
+    A zero (or collinear) column has no voxel size or direction: ``degenerate_affine``. Axes off 90 degrees are
+    a shear (e.g. a gantry tilt exported to NIfTI) that reorientation and resampling along the array axes would
+    silently drop: ``sheared_geometry``.
+    """
+    m = np.asarray(affine, dtype=np.float64)[:3, :3]
+    if not np.all(np.isfinite(m)):
+        raise CaseExcluded("degenerate_affine", f"the {what} affine holds NaN/inf")
+    lengths = np.linalg.norm(m, axis=0)
+    det = float(np.linalg.det(m))
+    if lengths.min() < 1e-6 or abs(det) < 1e-6 * float(np.prod(lengths)):
+        raise CaseExcluded(
+            "degenerate_affine",
+            f"the {what} affine is singular (column lengths {', '.join(f'{v:.3g}' for v in lengths)} mm, "
+            f"determinant {det:.3g}): no voxel size or direction",
+        )
+    dirs = m / lengths
+    worst = max(abs(90.0 - math.degrees(math.acos(max(-1.0, min(1.0, float(dirs[:, a] @ dirs[:, b]))))))
+                for a, b in ((0, 1), (0, 2), (1, 2)))
+    if worst > max_shear_degrees:
+        raise CaseExcluded(
+            "sheared_geometry",
+            f"the {what} affine's voxel axes are {worst:.1f} deg off perpendicular (max {max_shear_degrees:g}): "
+            f"a sheared grid (e.g. gantry tilt) that resampling along the array axes would drop",
+        )
+
+
 def check_finite(array: np.ndarray, what: str) -> None:
     if np.issubdtype(array.dtype, np.floating):
         bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
@@ -120,9 +168,22 @@ def check_finite(array: np.ndarray, what: str) -> None:
             raise CaseExcluded("non_finite_voxels", f"{bad} NaN/inf voxel(s) in the {what}")
 
 
-def check_hu_scale(lo: float, hi: float) -> None:
-    if lo > -500 or hi < 0:
-        raise CaseExcluded("implausible_hu", f"values span {lo:g}..{hi:g}; a CT in HU has air < -500 and tissue > 0")
+def check_hu_scale(lo: float, hi: float, floor: float = float("-inf")) -> None:
+    """Air below -500 HU and tissue above 0 HU; in data windowed to a ``floor`` above -500, air sits at the floor."""
+    air = max(-500.0, floor)
+    if lo > air + 1e-3 or hi < 0:
+        where = "air < -500" if air == -500.0 else f"air at the window floor {floor:g}"
+        raise CaseExcluded("implausible_hu", f"values span {lo:g}..{hi:g}; a CT in HU has {where} and tissue > 0")
+
+
+def hu_outlier_note(arr: np.ndarray, lo: float, hi: float, allowed: list[float]) -> str | None:
+    """A note when voxels lie far outside the CT range (e.g. 1e9 spikes); ``lo``/``hi`` are the array's range."""
+    a, b = allowed
+    if a <= lo and hi <= b:
+        return None
+    n = int(np.count_nonzero(arr < a) + np.count_nonzero(arr > b))
+    return (f"hu_outliers: {n} voxel(s) outside [{a:g}, {b:g}] HU (range {lo:.4g}..{hi:.4g}); "
+            f"kept, the HU window clips them")
 
 
 def label_hu_stats(hu: np.ndarray, mask: np.ndarray) -> dict[str, float]:
@@ -142,14 +203,17 @@ def label_hu_stats(hu: np.ndarray, mask: np.ndarray) -> dict[str, float]:
 
 
 def check_label_hu(stats: dict[str, float], cfg: CheckConfig) -> None:
-    """Contrast-enhanced pancreas is soft tissue; a mask on fat or air means the pairing is wrong."""
+    """Contrast-enhanced pancreas is soft tissue; a mask on fat or air means the pairing is wrong.
+
+    A statistic that is NaN was not measurable (windowed or display data, see ``CheckLabelHUd``) and is skipped.
+    """
     n = stats["label_voxels"]
     if n < cfg.min_label_voxels:
         raise CaseExcluded("empty_label", f"{n} pancreas voxel(s) on the image grid (need {cfg.min_label_voxels})")
     lo, hi = cfg.label_median_hu
     med, air, fat = stats["label_median_hu"], stats["label_air_fraction"], stats["label_fat_fraction"]
     problems = []
-    if not lo <= med <= hi:
+    if not math.isnan(med) and not lo <= med <= hi:
         problems.append(f"median {med:.0f} HU outside [{lo:g}, {hi:g}]")
     if air > cfg.max_air_fraction:
         problems.append(f"{air:.1%} of voxels are air (< -500 HU; max {cfg.max_air_fraction:.0%})")

@@ -18,7 +18,8 @@ from pancreas_gvae.config import read_yaml_mapping
 from pancreas_gvae.errors import PipelineError
 
 # Bump when the cache layout or the preprocessing code changes what it writes.
-CACHE_FORMAT_VERSION = 1
+# 2: image-only cases (``has_label`` in meta.json, no label.npy), input intensity mapping.
+CACHE_FORMAT_VERSION = 2
 
 _DUPLICATE_NOTE = "duplicate of PANCREAS_0002 (same scan, cropped differently; removed in collection version 2)"
 
@@ -29,7 +30,7 @@ class LabelConfig:
     tcia: list[int] = field(default_factory=lambda: [1])
     msd: list[int] = field(default_factory=lambda: [1, 2])  # 1 pancreas + 2 tumour: both pancreas tissue
     folder: list[int] = field(default_factory=lambda: [1])
-    require_label: bool = True  # a case without a label is excluded (missing_label)
+    require_label: bool = True  # a case without a label is excluded (missing_label); false: prepared image-only
 
 @dataclass
 class CheckConfig:
@@ -44,11 +45,52 @@ class CheckConfig:
     max_air_fraction: float = 0.02  # fraction of label voxels below -500 HU
     max_fat_fraction: float = 0.30  # fraction of label voxels below -50 HU
     min_label_voxels: int = 10
+    hu_outlier_range: list[float] = field(default_factory=lambda: [-4096.0, 32767.0])  # voxels outside: noted
+
+INTENSITY_KINDS = ("hu", "display")
+
+
+@dataclass
+class InputIntensityConfig:
+    """What the stored voxel values of a cohort mean (``preprocess.input_intensity``), mapped before the checks.
+
+    ``kind: hu``: Hounsfield units as stored (DICOM after its rescale; most NIfTI). ``kind: display``: display
+    values, e.g. an 8-bit export: ``display_range`` [d0, d1] shows the HU ``window`` [lo, hi] (below lo is d0,
+    above hi is d1); with a known window the values are mapped back to HU (clipped to the window) and the HU
+    checks run on the window's terms; ``window: null`` (unknown) keeps the display values and skips the checks
+    that need true HU (noted per case).
+    """
+
+    kind: str = "hu"
+    window: list[float] | None = None  # display: the HU window the display values cover; null: unknown
+    display_range: list[float] = field(default_factory=lambda: [0.0, 255.0])  # display: stored value of lo, hi
+
+    @property
+    def true_hu(self) -> bool:
+        """Whether the values after the mapping are HU (possibly clipped to a window)."""
+        return self.kind == "hu" or self.window is not None
+
+    @property
+    def hu_floor(self) -> float:
+        """The lowest HU the data can hold (air is clipped to it); -inf for HU as stored."""
+        return float(self.window[0]) if self.kind == "display" and self.window is not None else float("-inf")
+
+    def describe(self) -> str:
+        """The manifest's ``input_intensity``: ``hu``, ``display [-125, 275] HU as 0..255``, ``display (unknown
+        window) 0..255``."""
+        if self.kind == "hu":
+            return "hu"
+        d0, d1 = self.display_range
+        if self.window is None:
+            return f"display (unknown window) {d0:g}..{d1:g}"
+        return f"display [{self.window[0]:g}, {self.window[1]:g}] HU as {d0:g}..{d1:g}"
+
 
 @dataclass
 class PreprocessConfig:
-    """The deterministic chain (cached): orientation, body crop, spacing, HU window."""
+    """The deterministic chain (cached): input intensity, orientation, body crop, spacing, HU window."""
 
+    input_intensity: InputIntensityConfig = field(default_factory=InputIntensityConfig)
     orientation: str = "RAS"
     spacing: list[float | None] = field(default_factory=lambda: [1.0, 1.0, None])  # mm; None keeps the source
     hu_window: list[float] = field(default_factory=lambda: [-125.0, 275.0])  # -> [0, 1], clipped
@@ -124,6 +166,17 @@ def validate(cfg: DataConfig) -> None:
         raise PipelineError(f"preprocess.spacing needs 3 values (x, y, z; null keeps), got {p.spacing}")
     if p.hu_window[0] >= p.hu_window[1]:
         raise PipelineError(f"preprocess.hu_window must be [low, high], got {p.hu_window}")
+    ii = p.input_intensity
+    if ii.kind not in INTENSITY_KINDS:
+        raise PipelineError(f"preprocess.input_intensity.kind must be hu or display, got {ii.kind!r}")
+    if ii.kind == "hu" and ii.window is not None:
+        raise PipelineError("preprocess.input_intensity.window is for kind: display (HU as stored has no window)")
+    for name, pair in (("window", ii.window), ("display_range", ii.display_range)):
+        if pair is not None and (len(pair) != 2 or not float(pair[0]) < float(pair[1])):
+            raise PipelineError(f"preprocess.input_intensity.{name} must be [low, high], got {pair}")
+    lo, hi = cfg.checks.hu_outlier_range
+    if not lo < hi:
+        raise PipelineError(f"checks.hu_outlier_range must be [low, high], got {cfg.checks.hu_outlier_range}")
     if p.cache_dtype not in ("float16", "float32"):
         raise PipelineError(f"preprocess.cache_dtype must be float16 or float32, got {p.cache_dtype}")
     if s.fit not in ("resize", "crop"):

@@ -20,7 +20,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.tag import Tag
 
-from pancreas_gvae.ct.checks import CaseExcluded, check_axial, check_slice_positions, check_tilt
+from pancreas_gvae.ct.checks import CaseExcluded, check_axial, check_orientation, check_slice_positions, check_tilt
 from pancreas_gvae.ct.config import CheckConfig
 
 _PIXEL_DATA = Tag(0x7FE0, 0x0010)
@@ -231,6 +231,7 @@ def scan_dicom_files(files: list[Path], cfg: CheckConfig) -> DicomSeries:
         raise CaseExcluded("no_pixel_data", f"{len(no_pixels)} file(s) without Pixel Data, e.g. {no_pixels[0]}")
     if h0.iop is None or any(h.ipp is None for h in chosen):
         raise CaseExcluded("unreadable_file", "slices lack ImagePositionPatient / ImageOrientationPatient")
+    check_orientation(h0.iop, cfg)  # before the cross product: a zero vector has no normal
     spacings = {h.pixel_spacing for h in chosen}
     if None in spacings or len({tuple(round(v, 4) for v in s) for s in spacings if s}) > 1:
         raise CaseExcluded("inconsistent_slices",

@@ -1,7 +1,9 @@
 """Find the cases under a data root: TCIA Pancreas-CT, MSD Task07, or a plain folder (docs/data.md).
 
 Discovery only looks at names; nothing is read here. A case that is known to be unusable before reading
-(a duplicate, no label, no image) carries its exclusion reason so that it still gets a manifest row.
+(a duplicate, no image) carries its exclusion reason so that it still gets a manifest row. A case without a
+label carries ``label_missing`` (why none was found): :func:`mark_missing_labels` excludes it when labels are
+required (``labels.require_label``), else it is prepared image-only.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class CaseSource:
     label: Path | None
     excluded: tuple[str, str] | None = None  # (reason code, detail) known from names alone
     notes: list[str] = field(default_factory=list)
+    label_missing: str = ""  # why no label was found (label is None): missing_label's detail
 
 
 @dataclass
@@ -139,8 +142,9 @@ def _discover_tcia(root: Path, labels_dir: Path | None) -> tuple[list[CaseSource
             label = label_files.get(number)
             case = CaseSource(f"PANCREAS_{number:04d}", "tcia", case_dir, "dicom", label)
             if label is None:
-                where = labels_dir if labels_dir is not None else f"{TCIA_LABEL_DIR_GLOB} beside the data (none found)"
-                case.excluded = ("missing_label", f"label{number:04d}.nii.gz not in {where}")
+                where = labels_dir.name if labels_dir is not None else \
+                    f"{TCIA_LABEL_DIR_GLOB} beside the data (none found)"
+                case.label_missing = f"label{number:04d}.nii.gz not in {where}"
             cases.append(case)
     return sorted(cases, key=lambda c: c.case_id), labels_dir
 
@@ -174,7 +178,7 @@ def _discover_msd(root: Path, labels_dir: Path | None) -> tuple[list[CaseSource]
         if not image.is_file():
             case.excluded = ("no_image", f"{image.name} listed in dataset.json but missing")
         elif label is None or not label.is_file():
-            case.excluded = ("missing_label", f"no label {label.name if label else ''} in labelsTr")
+            case.label, case.label_missing = None, f"no label {label.name if label else ''} in labelsTr".replace("  ", " ")
         cases.append(case)
     return cases, labels_dir
 
@@ -238,4 +242,5 @@ def mark_missing_labels(cases: list[CaseSource]) -> None:
     """A case without a label cannot give labelled slices: exclude it (unless something else already did)."""
     for case in cases:
         if case.excluded is None and case.label is None:
-            case.excluded = ("missing_label", "no label file found (see docs/data.md for the naming rules)")
+            detail = case.label_missing or "no label file found (see docs/data.md for the naming rules)"
+            case.excluded = ("missing_label", f"{detail} (labels.require_label is true)")

@@ -3,6 +3,8 @@
 Each case runs inside its own try/except: whatever goes wrong becomes a manifest row with status
 ``excluded`` and a named reason, and the other cases carry on. A re-run reuses every case whose cache
 entry has the same config hash and source fingerprint (resume), so only new or changed cases are redone.
+One run at a time per output folder (``OUT/.lock``, see :mod:`pancreas_gvae.ct.outlock`); a case without a
+label is excluded (``missing_label``) unless ``labels.require_label`` is false, then it is prepared image-only.
 """
 
 from __future__ import annotations
@@ -11,8 +13,8 @@ import hashlib
 import logging
 import multiprocessing
 import os
-import shutil
 import time
+import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,8 @@ from pancreas_gvae.ct.checks import CaseExcluded
 from pancreas_gvae.ct.config import DataConfig, config_hash, load_data_config, validate
 from pancreas_gvae.ct.dicom_series import candidate_files, scan_dicom_files
 from pancreas_gvae.ct.discovery import CaseSource, discover, mark_missing_labels
-from pancreas_gvae.ct.manifest import dims, redact, relative, to_frame, write_manifest
+from pancreas_gvae.ct.manifest import MANIFEST_NAME, dims, redact, redacted_stderr, relative, to_frame, write_manifest
+from pancreas_gvae.ct.outlock import locked_output
 from pancreas_gvae.errors import DataError, PipelineError
 
 log = logging.getLogger(__name__)
@@ -55,6 +58,7 @@ def _base_row(case: CaseSource, root: Path, chash: str) -> dict[str, Any]:
         "status": "excluded",
         "reason": "",
         "notes": "; ".join(case.notes),
+        "has_label": case.label is not None,
         "image_path": relative(case.image, root),  # the case folder, never the study/series folders below it
         "label_path": relative(case.label, root),
         "config_hash": chash,
@@ -62,15 +66,32 @@ def _base_row(case: CaseSource, root: Path, chash: str) -> dict[str, Any]:
     }
 
 
+def _roots(case: CaseSource, data_root: Path, cache_dir: Path) -> list[Path]:
+    """Folders whose absolute paths are cut from every message: the data root, the label's folder, the cache."""
+    return [data_root, cache_dir, *([case.label.parent] if case.label is not None else [])]
+
+
 def prepare_case(case: CaseSource, cache_dir: Path, cfg: DataConfig, pancreas_values: list[int], chash: str,
                  data_root: Path, fingerprint: str = "") -> dict[str, Any]:
-    """Check, preprocess and cache one case; always returns its manifest row (never raises on bad data)."""
-    from transforms.cache import case_dir, save_cached_case, update_cache_meta  # lazily: heavy imports
+    """Check, preprocess and cache one case; always returns its manifest row (never raises on bad data).
+
+    What the readers print on stderr (ITK, GDCM, codecs, warnings) comes out afterwards with paths redacted.
+    """
+    with redacted_stderr(_roots(case, data_root, cache_dir), prefix=f"{case.case_id}: "):
+        return _prepare_case(case, cache_dir, cfg, pancreas_values, chash, data_root, fingerprint)
+
+
+def _prepare_case(case: CaseSource, cache_dir: Path, cfg: DataConfig, pancreas_values: list[int], chash: str,
+                  data_root: Path, fingerprint: str) -> dict[str, Any]:
+    from transforms.cache import case_dir, remove_cached_case, save_cached_case, update_cache_meta  # heavy imports
     from transforms.ct import QC_KEY, build_preprocess_chain, unwrap_exclusion
 
     start = time.perf_counter()
     row = _base_row(case, data_root, chash)
+    row["input_intensity"] = cfg.preprocess.input_intensity.describe()
+    roots = _roots(case, data_root, cache_dir)
     notes = list(case.notes)
+    has_label = case.label is not None
     try:
         if case.excluded is not None:
             raise CaseExcluded(*case.excluded)
@@ -82,19 +103,23 @@ def prepare_case(case: CaseSource, cache_dir: Path, cfg: DataConfig, pancreas_va
             image_src: Any = series.files
         else:
             image_src = str(case.image)
-        data = build_preprocess_chain(cfg, pancreas_values)({"image": image_src, "label": str(case.label)})
+        source = {"image": image_src, **({"label": str(case.label)} if has_label else {})}
+        data = build_preprocess_chain(cfg, pancreas_values, has_label=has_label)(source)
         qc = data.get(QC_KEY, {})
+        notes += qc.get("notes", [])
         if case.kind == "nifti":
             row.update(slice_interval=round(qc["spacing"][2], 4), n_slices=qc["shape"][2])
         row.update(shape=dims(qc["shape"]), spacing=dims(qc["spacing"], "{:.4g}"),
-                   hu_min=qc["hu_min"], hu_max=qc["hu_max"], label_voxels=qc["label_voxels"],
-                   label_median_hu=round(qc["label_median_hu"], 1),
-                   label_air_fraction=round(qc["label_air_fraction"], 4),
-                   label_fat_fraction=round(qc["label_fat_fraction"], 4))
-        image, label = data["image"], data["label"]
-        row.update(status="ok", notes=redact("; ".join(notes), [data_root]))
+                   hu_min=qc["hu_min"], hu_max=qc["hu_max"])
+        if has_label:
+            row.update(label_voxels=qc["label_voxels"], label_median_hu=round(qc["label_median_hu"], 1),
+                       label_air_fraction=round(qc["label_air_fraction"], 4),
+                       label_fat_fraction=round(qc["label_fat_fraction"], 4))
+        image = data["image"]
+        label = data["label"].numpy()[0] if has_label else None
+        row.update(status="ok", notes=redact("; ".join(notes), roots))
         meta = {"config_hash": chash, "fingerprint": fingerprint}
-        stored = save_cached_case(cache_dir, case.case_id, image.numpy()[0], label.numpy()[0],
+        stored = save_cached_case(cache_dir, case.case_id, image.numpy()[0], label,
                                   image.affine.numpy(), meta, dtype=cfg.preprocess.cache_dtype)
         hits = np.flatnonzero(stored["slice_voxels"])
         row.update(cache_shape=dims(stored["shape"]), cache_spacing=dims(stored["spacing"], "{:.4g}"),
@@ -113,10 +138,10 @@ def prepare_case(case: CaseSource, cache_dir: Path, cfg: DataConfig, pancreas_va
             while root.__cause__ is not None:
                 root = root.__cause__
             reason = f"error: {type(root).__name__}: {str(root).splitlines()[0] if str(root) else ''}"
-            log.debug("case %s failed", case.case_id, exc_info=True)
-        row.update(status="excluded", reason=redact(reason, [data_root, cache_dir]),
-                   notes=redact("; ".join(notes), [data_root]), seconds=round(time.perf_counter() - start, 2))
-        shutil.rmtree(case_dir(cache_dir, case.case_id), ignore_errors=True)  # never leave a stale "ok" cache
+            log.debug("case %s failed:\n%s", case.case_id, redact(traceback.format_exc(), roots))
+        row.update(status="excluded", reason=redact(reason, roots),
+                   notes=redact("; ".join(notes), roots), seconds=round(time.perf_counter() - start, 2))
+        remove_cached_case(cache_dir, case.case_id)  # never leave a stale "ok" cache (renamed aside, then deleted)
         return row
 
 
@@ -128,14 +153,28 @@ def _init_worker(threads: int) -> None:
     itk.MultiThreaderBase.SetGlobalDefaultNumberOfThreads(threads)
 
 
+def _make_out_dir(out_dir: Path) -> Path:
+    """``out_dir/cache``, created; a usage error (one line, exit 2) when ``out_dir`` is a file or not creatable."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise PipelineError(f"--out {out_dir} is an existing file, not a folder; give a folder for {MANIFEST_NAME} "
+                            f"and cache/")
+    cache_dir = out_dir / "cache"
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a parent is a file, no permission, read-only file system
+        raise PipelineError(f"--out {out_dir}: cannot create the output folder ({err.strerror or err})") from None
+    return cache_dir
+
+
 def prepare_dataset(data_root: str | Path, out_dir: str | Path, *, labels: str | Path | None = None,
                     layout: str = "auto", pancreas_label: int | list[int] | None = None,
                     config: DataConfig | str | Path | None = None, workers: int = 1, force: bool = False,
-                    progress: bool = True) -> pd.DataFrame:
+                    progress: bool = True, wait_s: float = 0.0) -> pd.DataFrame:
     """Prepare every case under ``data_root`` into ``out_dir`` (``cache/`` + ``manifest.csv``); returns the manifest.
 
     ``pancreas_label`` overrides the layout's label values (e.g. 7 for TotalSegmentator maps); ``force``
-    ignores existing cache entries; ``workers > 1`` prepares cases in parallel processes.
+    ignores existing cache entries; ``workers > 1`` prepares cases in parallel processes. Another run holding
+    ``out_dir`` is waited for up to ``wait_s`` seconds (< 0: no limit), then a :class:`PipelineError` names it.
     """
     cfg = config if isinstance(config, DataConfig) else load_data_config(config)
     validate(cfg)
@@ -149,13 +188,25 @@ def prepare_dataset(data_root: str | Path, out_dir: str | Path, *, labels: str |
     values = cfg.pancreas_values(found.layout, pancreas_label)
     chash = config_hash(cfg, values)
     out_dir = Path(out_dir)
-    cache_dir = out_dir / "cache"
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    root = found.root
-    log.info("layout %s: %d case(s), pancreas label value(s) %s, config %s", found.layout, len(found.cases),
-             values, chash)
+    cache_dir = _make_out_dir(out_dir)
+    with locked_output(out_dir, wait_s):
+        return _prepare_locked(found, out_dir, cache_dir, cfg, values, chash, workers, force, progress)
 
-    from transforms.cache import read_cache_meta
+
+def _prepare_locked(found, out_dir: Path, cache_dir: Path, cfg: DataConfig, values: list[int], chash: str,
+                    workers: int, force: bool, progress: bool) -> pd.DataFrame:
+    from transforms.cache import clean_orphans, read_cache_meta
+
+    root = found.root
+    orphans = clean_orphans(cache_dir)
+    for p in [*out_dir.glob(f".{MANIFEST_NAME}.tmp-*"), *out_dir.glob(f"{MANIFEST_NAME}.tmp")]:  # + the old name
+        p.unlink(missing_ok=True)
+        orphans.append(p.name)
+    if orphans:
+        log.info("removed %d leftover(s) of an interrupted run: %s", len(orphans), ", ".join(sorted(orphans)[:5]))
+    unlabelled = sum(c.label is None and c.excluded is None for c in found.cases)
+    log.info("layout %s: %d case(s)%s, pancreas label value(s) %s, config %s", found.layout, len(found.cases),
+             f" ({unlabelled} image-only, without a label)" if unlabelled else "", values, chash)
 
     rows: list[dict[str, Any]] = []
     todo: list[tuple[CaseSource, str]] = []
@@ -189,7 +240,8 @@ def prepare_dataset(data_root: str | Path, out_dir: str | Path, *, labels: str |
                     rows.append(fut.result())
                 except Exception as err:  # noqa: BLE001 - a crashed worker (e.g. killed for memory) excludes its case
                     row = _base_row(case, root, chash)
-                    row["reason"] = redact(f"error: worker failed: {type(err).__name__}: {err}", [root])
+                    row["reason"] = redact(f"error: worker failed: {type(err).__name__}: {err}",
+                                           _roots(case, root, cache_dir))
                     rows.append(row)
                 bar.set_postfix_str(case.case_id)
                 bar.update()

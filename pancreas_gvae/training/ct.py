@@ -25,7 +25,7 @@ from pancreas_gvae.viz import image_grid, save_png
 from transforms.slice_dataset import CTSliceDataset
 
 # Manifest columns that may leave the preparation folder: no case ids, no paths.
-SHAREABLE_COLUMNS = ["layout", "status", "reason", "shape", "spacing", "slice_thickness", "slice_interval",
+SHAREABLE_COLUMNS = ["layout", "status", "reason", "has_label", "input_intensity", "shape", "spacing", "slice_thickness", "slice_interval",
                      "n_slices", "vendor", "hu_min", "hu_max", "label_voxels", "label_median_hu",
                      "pancreas_slice_count", "cache_shape", "cache_spacing"]
 
@@ -79,13 +79,21 @@ def slice_batches(prepared: Path, manifest: pd.DataFrame, data: DataConfig, cfg:
         # A tiny cohort (one 20-slice case): an epoch draws slices with repetition rather than failing.
         dataset.samples_per_epoch = needed
         dataset.set_epoch(0)
-    return DatasetBatches(dataset, batch_size=cfg.train.batch_size, to_tensor=batch_to_input,
+    # A cohort with image-only cases hands the label-present flags to the trainer with each batch.
+    mixed = not bool(dataset.slices["has_label"].all())
+    return DatasetBatches(dataset, batch_size=cfg.train.batch_size,
+                          to_tensor=batch_with_label_flags if mixed else batch_to_input,
                           num_workers=num_workers, pin_memory=torch.cuda.is_available())
 
 
 def batch_to_input(batch: dict[str, Any]) -> torch.Tensor:
     """CT channel(s) then the pancreas mask: every synthetic slice comes with its label."""
     return torch.cat([batch["image"], batch["label"]], dim=1)
+
+
+def batch_with_label_flags(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(inputs, has_label)``: image-only slices carry an all-zero mask that means "unknown"."""
+    return batch_to_input(batch), batch["has_label"]
 
 
 def preview_slices(prepared: Path, manifest: pd.DataFrame, data: DataConfig, n: int, seed: int) -> torch.Tensor:

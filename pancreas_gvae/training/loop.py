@@ -18,7 +18,8 @@ from pancreas_gvae.viz import image_grid, interleave
 class BatchSource(Protocol):
     steps_per_epoch: int
 
-    def batch(self, step: int) -> torch.Tensor: ...
+    def batch(self, step: int) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The inputs of step ``step``, or ``(inputs, has_label)`` where some samples have no label."""
 
 
 class Preview:
@@ -74,8 +75,9 @@ def fit(trainer: Trainer, batches: BatchSource, *, steps: int, checkpoint_path: 
         upcoming = trainer.step + 1
         log_now = upcoming % tc.log_every == 0 or upcoming == steps
         checkpoint_now = upcoming % tc.checkpoint_every == 0 or upcoming == steps
-        x = batches.batch(trainer.step)
-        step_logs = trainer.train_step(x, check=log_now or checkpoint_now)
+        batch = batches.batch(trainer.step)
+        x, has_label = batch if isinstance(batch, tuple) else (batch, None)
+        step_logs = trainer.train_step(x, has_label=has_label, check=log_now or checkpoint_now)
         window_images += x.shape[0] * distributed.world_size()
         step = trainer.step
         for key, value in step_logs.items():

@@ -18,7 +18,7 @@ from pancreas_gvae.errors import PipelineError, TrainingDiverged
 from pancreas_gvae.models import build_model
 from pancreas_gvae.tracking import MlflowTracker, NullTracker
 from pancreas_gvae.training import distributed
-from pancreas_gvae.training.checkpoint import load_checkpoint
+from pancreas_gvae.training.checkpoint import load_checkpoint, remove_orphan_temporaries
 from pancreas_gvae.training.loop import BatchSource, Preview, fit
 from pancreas_gvae.training.trainer import Trainer, seed_everything
 from pancreas_gvae.viz import save_png
@@ -75,12 +75,16 @@ def train_run(cfg: Config, batches: BatchSource, preview_images: torch.Tensor, *
     device = distributed.init_distributed(cfg.train.device)  # a no-op without torchrun; idempotent
     trainer = Trainer(cfg, build_model(cfg.model), device)
     ckpt = checkpoint_path(out_dir)
+    if distributed.is_main_process():
+        for name in remove_orphan_temporaries(ckpt):
+            print(f"removed {name}, left by an interrupted checkpoint write")
 
     run_id = None
     if resume:
         if not ckpt.is_file():
             raise PipelineError(f"--resume given but no checkpoint at {ckpt}; run without --resume to start fresh")
-        state = load_checkpoint(ckpt, map_location=device)
+        # On the CPU: RNG states must stay CPU byte tensors; load_state_dict copies weights to the device.
+        state = load_checkpoint(ckpt, map_location="cpu")
         changes = check_resumable(state["config"], cfg.to_dict(), ckpt)
         trainer.load_state_dict(state)  # the optimisers get this run's learning rates and betas
         run_id = state.get("mlflow_run_id")

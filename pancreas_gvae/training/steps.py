@@ -8,6 +8,10 @@ E and G get their gradients from their own losses through ``torch.autograd.grad`
 which is how "no adversarial gradient into E" is enforced exactly; they are also clipped
 separately (a joint norm would let the adversarial loss rescale E's update).
 
+Image-only slices (``has_label`` 0, an all-zero mask that means "unknown") add no mask loss;
+the GVAE shows D such a slice with its own reconstructed mask (detached) instead of the empty
+one, the GAN leaves it out of D's real term, the VAE leaves its mask out of the likelihood.
+
 Each step returns ``(logs, codes)``: the losses as 0-d tensors (read on the host only at
 logging steps) and the latent codes G was run on, which keep the EMA generator's own
 normalisation statistics (see ``Trainer.train_step``).
@@ -33,20 +37,31 @@ def _set_requires_grad(module: torch.nn.Module, flag: bool) -> None:
         p.requires_grad_(flag)
 
 
-def _image_recon(tr: "Trainer", logits: torch.Tensor, pred: torch.Tensor,
-                 target: torch.Tensor) -> dict[str, torch.Tensor]:
+def _image_recon(tr: "Trainer", logits: torch.Tensor, pred: torch.Tensor, target: torch.Tensor,
+                 has_label: torch.Tensor | None) -> dict[str, torch.Tensor]:
     """Pixel L1 on the image channels (``pred = sigmoid(logits)``); Dice + BCE on the mask channels' logits (CT)."""
     lc = tr.cfg.loss
     k = tr.cfg.model.mask_channels
     n_img = pred.shape[1] - k
     terms = {"recon/pixel_l1": lc.pixel_l1 * F.l1_loss(pred[:, :n_img].float(), target[:, :n_img].float())}
     if k:
-        terms["recon/mask"] = L.mask_loss(logits[:, n_img:], target[:, n_img:],
-                                          dice_weight=lc.mask_dice, bce_weight=lc.mask_bce)
+        terms["recon/mask"] = L.mask_loss(logits[:, n_img:], target[:, n_img:], dice_weight=lc.mask_dice,
+                                          bce_weight=lc.mask_bce, weight=has_label)
     return terms
 
 
-def _d_update(tr: "Trainer", x: torch.Tensor, fakes: list[torch.Tensor], logs: dict) -> None:
+def _with_own_masks(tr: "Trainer", x: torch.Tensor, x_rec: torch.Tensor, has_label: torch.Tensor | None) -> torch.Tensor:
+    """``x`` with the mask channels of image-only samples replaced by the reconstruction's (detached)."""
+    k = tr.cfg.model.mask_channels
+    if has_label is None or not k:
+        return x
+    keep = has_label.reshape(-1, *([1] * (x.dim() - 1))) > 0
+    masks = torch.where(keep, x[:, -k:], x_rec[:, -k:].detach().to(x.dtype))
+    return torch.cat([x[:, :-k], masks], dim=1)
+
+
+def _d_update(tr: "Trainer", x: torch.Tensor, fakes: list[torch.Tensor], logs: dict,
+              real_weight: torch.Tensor | None = None) -> None:
     lc = tr.cfg.loss
     D = tr.model.discriminator
     _set_requires_grad(D, True)
@@ -54,7 +69,7 @@ def _d_update(tr: "Trainer", x: torch.Tensor, fakes: list[torch.Tensor], logs: d
     with tr.autocast():
         _, real_logit = D(real)
         fake_logits = [D(f.detach())[1] for f in fakes]
-        loss_d = L.d_adversarial(real_logit, fake_logits, lc.adversarial)
+        loss_d = L.d_adversarial(real_logit, fake_logits, lc.adversarial, real_weight)
     if lc.r1_gamma > 0:
         loss_d = loss_d + 0.5 * lc.r1_gamma * L.r1_penalty(real_logit.float(), real)
     tr.check_finite({"loss/d": loss_d})
@@ -74,7 +89,8 @@ def _d_update(tr: "Trainer", x: torch.Tensor, fakes: list[torch.Tensor], logs: d
 Codes = list[torch.Tensor]
 
 
-def gvae_step(tr: "Trainer", x: torch.Tensor) -> tuple[dict[str, torch.Tensor], Codes]:
+def gvae_step(tr: "Trainer", x: torch.Tensor,
+              has_label: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], Codes]:
     lc = tr.cfg.loss
     E, G, D = tr.model.encoder, tr.model.generator, tr.model.discriminator
     logs: dict[str, torch.Tensor] = {}
@@ -85,13 +101,14 @@ def gvae_step(tr: "Trainer", x: torch.Tensor) -> tuple[dict[str, torch.Tensor], 
         rec_logits = G(z_e)
         x_rec = torch.sigmoid(rec_logits)
         x_prior = torch.sigmoid(G(z_p))
-    _d_update(tr, x, [x_rec, x_prior], logs)
+    x_real = _with_own_masks(tr, x, x_rec, has_label)
+    _d_update(tr, x_real, [x_rec, x_prior], logs)
 
     with tr.autocast():
-        feat_real, _ = D(x)
+        feat_real, _ = D(x_real)
         feat_rec, logit_rec = D(x_rec)
         _, logit_prior = D(x_prior)
-        recon_terms = _image_recon(tr, rec_logits, x_rec, x)
+        recon_terms = _image_recon(tr, rec_logits, x_rec, x, has_label)
         recon_terms["recon/feature"] = lc.feature_recon * F.mse_loss(feat_rec.float(), feat_real.detach().float())
         recon = torch.stack(list(recon_terms.values())).sum()
         kl = L.kl_loss(mu.float(), logvar.float(), x[0].numel())
@@ -108,24 +125,29 @@ def gvae_step(tr: "Trainer", x: torch.Tensor) -> tuple[dict[str, torch.Tensor], 
     return logs, [z_e.detach(), z_p]
 
 
-def vae_step(tr: "Trainer", x: torch.Tensor) -> tuple[dict[str, torch.Tensor], Codes]:
+def vae_step(tr: "Trainer", x: torch.Tensor,
+             has_label: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], Codes]:
     lc = tr.cfg.loss
     E, G = tr.model.encoder, tr.model.generator
     with tr.autocast():
         mu, logvar = E(x)
         z = reparameterize(mu.float(), logvar.float(), tr.noise)
         logits = G(z)
+    k = tr.cfg.model.mask_channels
+    # Image-only samples: their (unknown) mask channels are left out of the likelihood.
+    keep = None if has_label is None or not k else torch.cat(
+        [torch.ones_like(x[:, :-k]), has_label.reshape(-1, *([1] * (x.dim() - 1))).expand_as(x[:, -k:])], 1)
     if lc.vae_likelihood == "bernoulli":
-        nll = L.bernoulli_nll(logits, x)
+        nll = L.bernoulli_nll(logits, x, keep)
     else:
-        nll = L.gaussian_nll(torch.sigmoid(logits), x, lc.gaussian_sigma)
+        nll = L.gaussian_nll(torch.sigmoid(logits), x, lc.gaussian_sigma, keep)
     kl = L.kl_per_sample(mu.float(), logvar.float())
     n_el = x[0].numel()
     loss = (nll.mean() + tr.beta() * kl.mean()) / n_el
     logs = {"nll": nll.detach().mean(), "kl": kl.detach().mean()}
     if tr.cfg.model.mask_channels:
         k = tr.cfg.model.mask_channels
-        mask = L.mask_loss(logits[:, -k:], x[:, -k:], dice_weight=lc.mask_dice, bce_weight=0.0)
+        mask = L.mask_loss(logits[:, -k:], x[:, -k:], dice_weight=lc.mask_dice, bce_weight=0.0, weight=has_label)
         logs["recon/mask"] = mask.detach()
         loss = loss + mask
     tr.check_finite({"loss/vae": loss})
@@ -136,14 +158,15 @@ def vae_step(tr: "Trainer", x: torch.Tensor) -> tuple[dict[str, torch.Tensor], C
     return logs, [z.detach()]
 
 
-def gan_step(tr: "Trainer", x: torch.Tensor) -> tuple[dict[str, torch.Tensor], Codes]:
+def gan_step(tr: "Trainer", x: torch.Tensor,
+             has_label: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], Codes]:
     lc = tr.cfg.loss
     G, D = tr.model.generator, tr.model.discriminator
     logs: dict[str, torch.Tensor] = {}
     z = torch.randn((x.shape[0], tr.model.latent_dim), generator=tr.noise, device=x.device)
     with tr.autocast():
         fake = torch.sigmoid(G(z))
-    _d_update(tr, x, [fake], logs)
+    _d_update(tr, x, [fake], logs, real_weight=has_label if tr.cfg.model.mask_channels else None)
     with tr.autocast():
         _, logit = D(fake)
         loss_g = L.g_adversarial([logit], lc.adversarial)

@@ -172,17 +172,24 @@ class Trainer:
                 ema(torch.cat([z.detach() for z in codes]))
             distributed.average_norm_stats(ema)
 
-    def train_step(self, x: torch.Tensor, *, check: bool = True) -> dict[str, torch.Tensor]:
+    def train_step(self, x: torch.Tensor, *, has_label: torch.Tensor | None = None,
+                   check: bool = True) -> dict[str, torch.Tensor]:
         """One step; returns its losses as detached 0-d tensors.
 
-        ``check=False`` defers the finiteness check (no host-device sync): the training loop passes
-        ``True`` only on logging and checkpoint steps; a non-finite loss in between is reported with
-        the step it first happened at.
+        ``has_label`` (one 0/1 value per sample) marks image-only samples, whose mask channels are
+        unknown: they add no mask loss (see :mod:`pancreas_gvae.training.steps`). ``check=False``
+        defers the finiteness check (no host-device sync): the training loop passes ``True`` only on
+        logging and checkpoint steps; a non-finite loss in between is reported with the step it first
+        happened at.
         """
         self.model.train()
         x = x.to(self.device, non_blocking=True)
+        if has_label is not None:
+            has_label = has_label.to(self.device, non_blocking=True)
         self._check_now = check
-        logs, codes = self._step_fn(self, x)
+        logs, codes = self._step_fn(self, x, has_label)
+        if has_label is not None:
+            logs["batch/labelled_share"] = has_label.float().mean()
         distributed.average_norm_stats(self.model)
         self.update_ema(codes)
         self.step += 1

@@ -202,3 +202,131 @@ def test_label_hu_check_thresholds():
     with pytest.raises(CaseExcluded, match="air"):
         check_label_hu(label_hu_stats(hu, np.ones_like(hu)), CheckConfig())
     check_label_hu(label_hu_stats(hu[:90], np.ones(90)), CheckConfig())
+
+
+# ------------------------------------------------------------------ degenerate geometry (issue 13, item 3)
+
+
+def _nifti_case(root, name, case, synth, *, image_affine, label_affine=None, label=None, hu=None):
+    """``root/name.nii.gz`` + ``root/name_label.nii.gz`` from a synthetic case, with the affines given (sform only:
+    nibabel cannot write a qform for a singular or sheared matrix)."""
+    import nibabel as nib
+
+    def save(path, array, affine):
+        img = nib.Nifti1Image(array, None)
+        img.set_sform(affine, code=1)
+        nib.save(img, path)
+
+    save(root / f"{name}.nii.gz", synth.nifti_label_array(case.hu if hu is None else hu).astype(np.float32),
+         image_affine)
+    save(root / f"{name}_label.nii.gz", synth.nifti_label_array(case.mask) if label is None else label,
+         image_affine if label_affine is None else label_affine)
+
+
+@pytest.fixture
+def src_case(tmp_path, make_case):
+    return make_case(tmp_path / "src", "src")
+
+
+def test_zero_affine_column_is_degenerate_affine(cohort_root, tmp_path, src_case, synth):
+    good = synth.ras_affine(src_case.pixel, 2.5, src_case.origin, float(src_case.z[0]))
+    flat = good.copy()
+    flat[:3, 2] = 0.0  # the slice axis maps to nothing
+    _nifti_case(cohort_root, "bad", src_case, synth, image_affine=flat)
+    _nifti_case(cohort_root, "badlabel", src_case, synth, image_affine=good, label_affine=flat)
+    df = run(cohort_root, tmp_path)
+    assert_excluded(df, "bad", "degenerate_affine")
+    assert "image" in df.loc["bad", "reason"] and "singular" in df.loc["bad", "reason"]
+    assert_excluded(df, "badlabel", "degenerate_affine")
+    assert "label" in df.loc["badlabel", "reason"]
+    assert not df["reason"].str.startswith("error").any()
+
+
+def test_sheared_nifti_affine_is_sheared_geometry(cohort_root, tmp_path, src_case, synth):
+    aff = synth.ras_affine(src_case.pixel, 2.5, src_case.origin, float(src_case.z[0]))
+    aff[1, 2] = 2.5 * np.tan(np.radians(15))  # slices advance in y as well: a 15 deg shear (gantry tilt)
+    _nifti_case(cohort_root, "bad", src_case, synth, image_affine=aff)
+    df = run(cohort_root, tmp_path)
+    assert_excluded(df, "bad", "sheared_geometry")
+    assert "15.0 deg" in df.loc["bad", "reason"]
+
+
+def test_zero_orientation_vector_is_invalid_orientation(cohort_root, tmp_path, make_case):
+    import warnings
+
+    make_case(cohort_root, "bad", iop=(1, 0, 0, 0, 0, 0))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        df = run(cohort_root, tmp_path)
+    assert_excluded(df, "bad", "invalid_orientation")
+    assert not [w for w in caught if issubclass(w.category, RuntimeWarning)], [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize(("affine", "reason"), [
+    (np.diag([1.0, 1.0, 0.0, 1.0]), "degenerate_affine"),
+    (np.array([[1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 2, 0], [0, 0, 0, 1]], dtype=float), "degenerate_affine"),
+    (np.diag([1.0, np.nan, 1.0, 1.0]), "degenerate_affine"),
+    (np.array([[1, 0.2, 0, 0], [0, 1, 0, 0], [0, 0, 2, 0], [0, 0, 0, 1]], dtype=float), "sheared_geometry"),
+])
+def test_check_affine_reasons(affine, reason):
+    from pancreas_gvae.ct.checks import check_affine
+
+    with pytest.raises(CaseExcluded) as err:
+        check_affine(affine, "image", 1.0)
+    assert err.value.reason == reason
+    check_affine(np.diag([-0.7, -0.7, 2.5, 1.0]), "image", 1.0)  # flips and anisotropy are fine
+
+
+@pytest.mark.parametrize("iop", [(1, 0, 0, 0, 0, 0), (1, 0, 0, 0.2, 1, 0), (2, 0, 0, 0, 2, 0)])
+def test_check_orientation_reasons(iop):
+    from pancreas_gvae.ct.checks import check_orientation
+
+    with pytest.raises(CaseExcluded) as err:
+        check_orientation(iop, CheckConfig())
+    assert err.value.reason == "invalid_orientation"
+    check_orientation((1, 0, 0, 0, 0.99999, -0.0044), CheckConfig())  # rounding in real headers passes
+
+
+# ------------------------------------------------------------------ quiet acceptances made visible (item 4)
+
+
+def test_float_label_with_non_integer_values_is_noted(cohort_root, tmp_path, src_case, synth):
+    aff = synth.ras_affine(src_case.pixel, 2.5, src_case.origin, float(src_case.z[0]))
+    label = synth.nifti_label_array(src_case.mask).astype(np.float32) * 7.0  # pancreas = 7
+    rng = np.random.default_rng(0)
+    inside = label == 7.0
+    label[inside] += rng.uniform(-0.4, 0.4, int(inside.sum())).astype(np.float32)  # 6.6 .. 7.4
+    _nifti_case(cohort_root, "floaty", src_case, synth, image_affine=aff, label=label)
+    good = synth.write_case(tmp_path / "src7", "good")  # the good case with its label as 7, too
+    label7 = synth.nifti_label_array(good.mask) * 7
+    synth.write_nifti(cohort_root / "good" / "labels.nii.gz", label7, aff)
+    df = run(cohort_root, tmp_path, pancreas_label=7)
+    row = df.loc["floaty"]
+    assert row["status"] == "ok", row["reason"]
+    assert row["label_voxels"] == int(src_case.mask.sum())  # rounded, every pancreas voxel kept
+    assert "label_not_integer:" in row["notes"] and "6.6" in row["notes"] and "7.4" in row["notes"]
+    assert "label_not_integer" not in str(df.loc["good", "notes"])
+
+
+def test_voxels_far_outside_ct_range_are_noted(cohort_root, tmp_path, src_case, synth):
+    aff = synth.ras_affine(src_case.pixel, 2.5, src_case.origin, float(src_case.z[0]))
+    hu = src_case.hu.astype(np.float32)
+    hu[2, 3, 4] = 1e9
+    hu[5, 6, 7] = 1e9
+    _nifti_case(cohort_root, "spiky", src_case, synth, image_affine=aff, hu=hu)
+    df = run(cohort_root, tmp_path)
+    row = df.loc["spiky"]
+    assert row["status"] == "ok", row["reason"]
+    assert "hu_outliers: 2 voxel(s) outside [-4096, 32767] HU" in row["notes"]
+    assert row["hu_max"] == pytest.approx(1e9)
+    assert "hu_outliers" not in str(df.loc["good", "notes"])
+
+
+def test_every_reason_and_note_is_documented():
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "data.md").read_text()
+    for code in REASONS:
+        assert f"| `{code}` |" in doc, code
+    for note in ("label_not_integer", "hu_outliers", "hu_checks_skipped", "label_air_fraction_skipped"):
+        assert f"`{note}" in doc, note
