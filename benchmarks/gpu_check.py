@@ -9,9 +9,9 @@ Results go into docs/benchmarks.md by hand, with the printed date, device and co
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
-import inspect
 import math
 import os
 import re
@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -160,18 +161,21 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _unchecked_step(trainer):
-    """``train_step`` as the training loop calls it between logging steps: no per-step finiteness read (no host
-    sync) where the trainer offers that (``check=False``); :func:`_raise_if_diverged` reads it afterwards."""
-    if "check" in inspect.signature(trainer.train_step).parameters:
-        return lambda x: trainer.train_step(x, check=False)
-    return trainer.train_step
-
-
-def _raise_if_diverged(trainer) -> None:
-    check = getattr(trainer, "raise_if_diverged", None)
-    if check is not None:
-        check()
+@contextlib.contextmanager
+def count_host_syncs(device: torch.device):
+    """Count CUDA host-device synchronisations in the block (``torch.cuda.set_sync_debug_mode("warn")``)."""
+    counted = {"n": None}
+    if device.type != "cuda":
+        yield counted
+        return
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield counted
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    counted["n"] = sum("synchroniz" in str(w.message).lower() for w in caught)
 
 
 def load(path: Path, overrides: list[str]):
@@ -208,19 +212,21 @@ def train_row(path: Path, kind: str, args, device: torch.device, cpu: bool, peak
     seed_everything(cfg.train.seed)
     trainer = Trainer(cfg, build_model(m), device)
     x = synthetic_batch(cfg.train.batch_size, m.in_channels, m.image_size, device, seed=cfg.train.seed)
-    step = _unchecked_step(trainer)
+    # As the training loop calls it between logging steps: finiteness recorded on the device, not read.
+    step = lambda batch: trainer.train_step(batch, check=False)  # noqa: E731
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     logs = [step(x) for _ in range(warmup)]
     _sync(device)
     start = time.perf_counter()
-    for _ in range(steps - warmup):
-        logs.append(step(x))
+    with count_host_syncs(device) as syncs:
+        for _ in range(steps - warmup):
+            logs.append(step(x))
     _sync(device)
     seconds = time.perf_counter() - start
     per_step = seconds / (steps - warmup)
     peak_mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    _raise_if_diverged(trainer)  # the trainer's own deferred finiteness check, after the timed window
+    trainer.raise_if_diverged()  # the trainer's own deferred finiteness check, after the timed window
     flops, counted_logs = count_flops(trainer.train_step, x)  # one extra, untimed step (checked)
     logs.append(counted_logs)
     bad = [(i + 1, k, float(v)) for i, step_logs in enumerate(logs) for k, v in step_logs.items()
@@ -233,6 +239,7 @@ def train_row(path: Path, kind: str, args, device: torch.device, cpu: bool, peak
         peak=f"{peak_mem:.2f}" if peak_mem is not None else "n/a (CPU)",
         gflop=f"{flops / 1e9:.4g}",
         mfu=f"{100 * flops / per_step / peak:.1f}%" if peak else "n/a (give --peak-tflops)",
+        syncs=f"{syncs['n'] / (steps - warmup):.3g}" if syncs["n"] is not None else "n/a (CPU)",
     )
     return row, trainer
 
@@ -377,7 +384,8 @@ def torchrun_check(args, cpu: bool, work: Path, timeout: float) -> tuple[bool, s
 
 def markdown_table(rows: list[dict]) -> str:
     cols = [("config", "config"), ("model", "model"), ("size", "size"), ("batch", "batch/GPU"), ("steps", "steps"),
-            ("finite", "finite"), ("ips", "images/s"), ("peak", "peak GiB"), ("gflop", "GFLOP/step"), ("mfu", "MFU")]
+            ("finite", "finite"), ("ips", "images/s"), ("peak", "peak GiB"), ("gflop", "GFLOP/step"), ("mfu", "MFU"),
+            ("syncs", "host syncs/step")]
     lines = ["| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(str(r.get(k, "-")) for k, _ in cols) + " |" for r in rows]
     return "\n".join(lines)
@@ -468,7 +476,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "steps = warm-up + timed + 1 FLOP-counted; images/s = batch x timed steps / their wall time "
         "(torch.cuda.synchronize-bracketed); peak GiB = torch.cuda.max_memory_allocated over warm-up and timed "
-        f"steps; GFLOP/step = FlopCounterMode count of one train step; MFU = FLOP/step / s per step / {mfu_note}. "
+        f"steps; GFLOP/step = FlopCounterMode count of one train step; MFU = FLOP/step / s per step / {mfu_note}; "
+        "host syncs/step = CUDA sync-debug warnings per timed step (0 expected: losses are read at logging steps). "
         "Synthetic batch (CT-like channels + binary disc mask), train.precision=bf16.",
         sampling,
         resume,

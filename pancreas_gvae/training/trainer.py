@@ -11,7 +11,6 @@ EMA decay is computed on the host.
 from __future__ import annotations
 
 import contextlib
-import math
 import random
 
 import numpy as np

@@ -78,10 +78,10 @@ def test_a_failing_row_is_reported_and_makes_the_exit_code_1(gpu_check, monkeypa
 
     real_step = Trainer.train_step
 
-    def step(self, x):
+    def step(self, x, **kwargs):
         if self.cfg.model.kind == "gan":
             raise RuntimeError("boom\nsecond line")
-        logs = real_step(self, x)
+        logs = real_step(self, x, **kwargs)
         if self.cfg.model.kind == "vae":
             logs["loss/vae"] = torch.tensor(float("nan"))  # a 0-d tensor, as the trainer may return
         return logs

@@ -3,7 +3,6 @@ cohort that mixes labelled and unlabelled cases (labels.require_label: false).""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
