@@ -275,5 +275,28 @@ def test_torchrun_without_process_group_is_refused(monkeypatch):
         distributed.init_distributed("cpu")
 
 
+def test_gradients_are_averaged_in_a_few_coalesced_all_reduces(tmp_path, monkeypatch):
+    """One all-reduce per 25 MB bucket, not one per parameter (a one-process gloo group counts the calls)."""
+    import torch.distributed as dist
+
+    from pancreas_gvae.training import distributed
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        calls = []
+        real = dist.all_reduce
+        monkeypatch.setattr(dist, "all_reduce", lambda t, *a, **k: calls.append(t.numel()) or real(t, *a, **k))
+        params = [torch.nn.Parameter(torch.zeros(n)) for n in [10] * 200 + [8 * 2**20, 4 * 2**20, 10]]
+        for i, p in enumerate(params):
+            p.grad = torch.full_like(p, float(i))
+        distributed.average_gradients(params)
+        assert len(calls) == 3, calls  # 200 small + the 32 MB one alone, then 16 MB + 10 elements
+        assert sum(calls) == sum(p.numel() for p in params)
+        assert all(torch.equal(p.grad, torch.full_like(p, float(i))) for i, p in enumerate(params))
+        assert [len(b) for b in distributed.buckets([p.grad for p in params])] == [200, 1, 2]
+    finally:
+        dist.destroy_process_group()
+
+
 if __name__ == "__main__":
     _worker(Path(sys.argv[1]))
