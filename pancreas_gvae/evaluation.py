@@ -5,11 +5,20 @@ The metric definitions are those of ``/work/shared/GVAE.md`` as implemented in
 
 - **Held-out data.** MNIST / Fashion-MNIST: the test split of :func:`pancreas_gvae.data.mnist.load_dataset`;
   a seeded permutation (seed 0, the same for every model and seed) gives ``n_eval`` evaluation images and
-  ``n_val`` disjoint validation images (only for the Parzen bandwidth). CT: the prepared cases are split
-  **by case** (never by slice) into train and held-out cases; held-out slices are every slice of the
-  held-out cases, once, in a seeded order.
+  ``n_val`` disjoint validation images (only for the Parzen bandwidth). CT: an external cohort
+  (``--test-data-root``: train on one cohort, score on another) or the prepared cases split **by case**
+  (never by slice); held-out slices are drawn, each at most once, with the training draw's pancreas share
+  (``sampling.pos_fraction``), so models are scored against the distribution they were trained on.
 - **Samples** come from the trainer's EMA generator (``Trainer.ema_generator``, the sampling network of
-  the project), ``sigmoid(G(z))``, ``z ~ N(0, I)`` seeded by the run seed, as many as evaluation images.
+  the project), ``sigmoid(G(z))``, ``z ~ N(0, I)`` seeded by the run seed: ``n_samples`` of them (default
+  2,000, at least as many as evaluation images), so FD/KID and precision/recall rest on enough samples.
+  KID averages 100 subsets of half the smaller set (at most 1,000), so its spread (``kid_feature_sd``) is real.
+- **The mask channel (CT).** Share of samples with a pancreas mask against the held-out share, shape
+  realism (area, solidity, eccentricity, components: normalised 1-D Wasserstein distances and their mean)
+  and intensity under the mask (:mod:`pancreas_gvae.metrics.masks`); **label fidelity**: a UNet trained on
+  the training cases' real slices predicts on the synthetic images, Dice against the synthetic masks;
+  **TSTR**: the same UNet recipe trained on synthetic pairs only, Dice on the held-out real slices, next to
+  the real-trained one (:mod:`pancreas_gvae.segmentation`).
 - **Encoder metrics** (reconstruction, ELBO, KL, IWAE) use the live encoder and generator in ``eval()``
   mode (the pair that was trained together); reconstructions decode the posterior mean.
 - **Image metrics on CT** (pixel MMD, SSIM, MS-SSIM, MSE/L1 in HU, Parzen, memorisation, features) use
@@ -70,12 +79,35 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("mode_kl_to_real", False, "KL(sample classes ‖ real classes)"),
     MetricSpec("memo_near_copy_frac", False, "near-copy fraction"),
     MetricSpec("memo_median_nn_ratio", True, "median NN-distance ratio"),
+    MetricSpec("kid_feature_sd", False, "KID sd over subsets"),
+    MetricSpec("mask_share_fake", True, "share of samples with a mask"),
+    MetricSpec("mask_shape_score", False, "mask shape distance (mean of normalised W1)"),
+    MetricSpec("mask_intensity_w1", False, "intensity under mask, W1"),
+    MetricSpec("fidelity_dice", True, "label fidelity Dice"),
+    MetricSpec("tstr_dice", True, "TSTR Dice (synthetic-trained UNet on real)"),
+    MetricSpec("tstr_ratio", True, "TSTR / real-trained Dice"),
 )
+# Filled from pancreas_gvae.metrics.masks / segmentation results (their keys -> our columns).
+MASK_COLUMNS = {"mask/share_fake": "mask_share_fake", "mask/shape_score": "mask_shape_score",
+                "mask/intensity_w1": "mask_intensity_w1"}
 METRIC_COLUMNS = [m.column for m in METRICS]
 ID_COLUMNS = ["dataset", "model", "seed"]
-INFO_COLUMNS = ["steps", "batch_size", "n_eval", "n_samples", "iwae_k", "likelihood", "recon_units",
+INFO_COLUMNS = ["steps", "batch_size", "n_eval", "n_samples", "mask_share_real", "real_dice", "iwae_k",
+                "likelihood", "recon_units",
                 "feature_net", "run_id", "train_seconds", "eval_seconds"]
 COLUMNS = ID_COLUMNS + METRIC_COLUMNS + INFO_COLUMNS
+
+
+@dataclass
+class SegmentationRefs:
+    """The real-trained segmenter and real slices for label fidelity and TSTR (CT with a mask channel)."""
+
+    segmenter: torch.nn.Module
+    real_train: object  # segmentation.SliceSet of the training cases
+    real_test: object  # segmentation.SliceSet of the held-out cases
+    steps: int
+    pixel_mm: float
+    real_dice: float  # the segmenter's Dice on real_test: TSTR's reference
 
 
 @dataclass
@@ -94,6 +126,9 @@ class EvalData:
     window: tuple[float, float] | None = None  # HU window for reconstruction errors (CT)
     likelihood: str = "bernoulli"  # bernoulli (binarised images) | gaussian
     sigma: float = 0.1
+    n_samples: int = 0  # prior samples per model (0: as many as test images)
+    mask_channels: int = 0  # CT: 1, the trailing pancreas mask channel
+    segmentation: SegmentationRefs | None = None
     notes: dict[str, str] = field(default_factory=dict)
 
     def img(self, x: torch.Tensor) -> torch.Tensor:
@@ -127,7 +162,8 @@ def evaluate_model(model, ema_generator: torch.nn.Module, data: EvalData, *, lat
     """All metric columns for one trained model (NaN where a metric does not apply)."""
     row = {c: math.nan for c in METRIC_COLUMNS}
     test, n = data.test, data.test.shape[0]
-    samples = generate_samples(ema_generator, n, latent_dim, seed=seed, device=device)
+    n_fake = max(data.n_samples, n)
+    samples = generate_samples(ema_generator, n_fake, latent_dim, seed=seed, device=device)
     ti, si = data.img(test), data.img(samples)
 
     # Sample quality and diversity (every model).
@@ -136,10 +172,13 @@ def evaluate_model(model, ema_generator: torch.nn.Module, data: EvalData, *, lat
     f_fake = M.extract_features(data.feature_fn, si)
     row["mmd2_feature"] = float(M.mmd2_gaussian(f_real, f_fake, seed=0))
     row["fid_feature"] = M.frechet_distance_features(f_real, f_fake)
-    row["kid_feature"] = M.kernel_distance(f_real, f_fake, n_subsets=50, subset_size=min(1000, n), seed=0).mean
+    kid = M.kernel_distance(f_real, f_fake, n_subsets=100, subset_size=max(2, min(1000, n // 2, n_fake // 2)), seed=0)
+    row["kid_feature"], row["kid_feature_sd"] = kid.mean, kid.std
     pr = M.precision_recall(f_real, f_fake, k=3)
     row["precision"], row["recall"] = pr.precision, pr.recall
-    row["diversity_ms_ssim"] = _mean(M.ms_ssim_diversity(si, n_pairs=min(1000, n * (n - 1) // 2), seed=0))
+    row["diversity_ms_ssim"] = _mean(M.ms_ssim_diversity(si, n_pairs=min(1000, n_fake * (n_fake - 1) // 2), seed=0))
+    if data.mask_channels:
+        row.update(mask_columns(test, samples, data, seed=seed))
     if data.logits_fn is not None:
         ref = M.class_histogram(M.extract_features(data.logits_fn, ti), data.num_classes)
         mc = M.mode_coverage(M.extract_features(data.logits_fn, si), num_classes=data.num_classes, reference=ref)
@@ -176,6 +215,27 @@ def evaluate_model(model, ema_generator: torch.nn.Module, data: EvalData, *, lat
                                                           likelihood=data.likelihood, sigma=data.sigma, seed=0))
         model.train(was_training)
     return row
+
+
+def mask_columns(test: torch.Tensor, samples: torch.Tensor, data: EvalData, *, seed: int) -> dict[str, float]:
+    """Mask realism, label fidelity and TSTR of ``samples`` (CT image + mask) against the held-out slices."""
+    from pancreas_gvae import segmentation as S
+
+    k = data.mask_channels
+    real_img, real_mask = test[:, :1], (test[:, -k:][:, :1] > 0.5).float()
+    fake_img, fake_mask = samples[:, :1], (samples[:, -k:][:, :1] > 0.5).float()
+    scores = M.mask_scores(real_img, real_mask, fake_img, fake_mask)
+    out = {col: scores.get(key, math.nan) for key, col in MASK_COLUMNS.items()}
+    out["mask_share_real"] = scores.get("mask/share_real", math.nan)
+    refs = data.segmentation
+    if refs is not None:
+        synthetic = S.SliceSet(fake_img.contiguous(), fake_mask.contiguous(), ["synthetic"] * len(samples))
+        out["fidelity_dice"] = S.label_fidelity(refs.segmenter, synthetic, pixel_mm=refs.pixel_mm)["fidelity/dice"]
+        tstr = S.tstr(synthetic, refs.real_train, refs.real_test, steps=refs.steps, batch_size=16, seed=seed,
+                      pixel_mm=refs.pixel_mm, real_model=refs.segmenter)
+        out["tstr_dice"], out["tstr_ratio"] = tstr["tstr/dice_synthetic"], tstr["tstr/ratio"]
+        out["real_dice"] = refs.real_dice
+    return out
 
 
 # --------------------------------------------------------------------------- tables

@@ -14,7 +14,7 @@ import torch
 
 from pancreas_gvae import metrics as M
 from pancreas_gvae.errors import PipelineError
-from pancreas_gvae.evaluation import EvalData
+from pancreas_gvae.evaluation import EvalData, SegmentationRefs
 
 def mnist_eval_data(args):
     from pancreas_gvae.data.mnist import load_dataset, to_tensor
@@ -39,6 +39,7 @@ def mnist_eval_data(args):
     memo = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(1))[:args.n_memo]]
     data = EvalData(args.dataset, test=test, val=val, memo_train=memo, feature_fn=clf.features,
                     feature_net=feature_net, logits_fn=clf.logits, num_classes=10, likelihood="bernoulli",
+                    n_samples=int(getattr(args, "n_samples", 0) or 0),
                     notes={"held_out": f"test split ({splits['test'].source}), seeded subset",
                            "memorisation_reference": f"{len(memo)} of {len(train)} training images"})
     return data, (lambda cfg: TensorBatches(train, batch_size=cfg.train.batch_size, seed=cfg.train.seed)), test
@@ -56,16 +57,20 @@ def split_sizes(args, available: int) -> tuple[int, int]:
     return n_eval, n_val
 
 
-def take_slices(ds, n: int) -> torch.Tensor:
-    from pancreas_gvae.training.ct import stack_inputs
-
-    ds.pos_fraction = None  # every slice once, in a seeded order
-    ds.samples_per_epoch = len(ds.slices)
-    ds.set_epoch(0)
-    return stack_inputs(ds, n)
+def _prepare_cohort(ct, root, prepared, data_cfg, *, labels, layout, pancreas_label) -> tuple[object, list[str]]:
+    manifest = ct.prepare(root, prepared, data_cfg, labels=labels, layout=layout, pancreas_label=pancreas_label,
+                          workers=1)
+    return manifest, sorted(manifest.loc[manifest["status"] == "ok", "case_id"].astype(str))
 
 
 def ct_eval_data(args, cfg):
+    """Held-out CT data: an external cohort (``args.test_data_root``) or a case-level split of the one cohort.
+
+    Held-out slices are drawn with the training draw's pancreas share; the feature network (FD/KID,
+    precision/recall) and the segmenter (label fidelity, TSTR's real arm) are trained on training-case
+    slices only.
+    """
+    from pancreas_gvae import segmentation as S
     from pancreas_gvae.training import ct
     from transforms.slice_dataset import CTSliceDataset
 
@@ -75,32 +80,63 @@ def ct_eval_data(args, cfg):
     if args.data_root is None:
         ct.ensure_phantom(data_root, cfg.data.get("phantom", {}))
     prepared = args.out / "prepared"
-    manifest = ct.prepare(data_root, prepared, data_cfg, labels=args.labels, layout=args.layout,
-                          pancreas_label=args.pancreas_label, workers=1)
-    cases = sorted(manifest.loc[manifest["status"] == "ok", "case_id"].astype(str))
-    if len(cases) < 2:
-        raise PipelineError(f"a held-out split by case needs >= 2 usable cases; {len(cases)} under {data_root}")
-    rng = np.random.default_rng(0)
-    order = [cases[i] for i in rng.permutation(len(cases))]
-    n_test = min(len(cases) - 1, max(1, round(args.test_fraction * len(cases))))
-    test_cases, train_cases = sorted(order[:n_test]), sorted(order[n_test:])
-    man_train = manifest[manifest["case_id"].astype(str).isin(train_cases)]
-    man_test = manifest[manifest["case_id"].astype(str).isin(test_cases)]
-    held = take_slices(CTSliceDataset.from_config(prepared, data_cfg, man_test, seed=0), 10**9)
-    held = held[torch.randperm(len(held), generator=torch.Generator().manual_seed(0))]
-    n_eval, n_val = split_sizes(args, len(held))
+    manifest, cases = _prepare_cohort(ct, data_root, prepared, data_cfg, labels=args.labels, layout=args.layout,
+                                      pancreas_label=args.pancreas_label)
+    external = getattr(args, "test_data_root", None)
+    if external is not None:
+        test_prepared = args.out / "prepared-test"
+        man_test, test_cases = _prepare_cohort(ct, external, test_prepared, data_cfg, labels=args.test_labels,
+                                               layout=args.test_layout, pancreas_label=args.test_pancreas_label)
+        if not cases or not test_cases:
+            raise PipelineError(f"no usable case in the {'training' if not cases else 'test'} cohort")
+        train_cases, man_train = cases, manifest
+        split_note = (f"external test cohort: {len(test_cases)} case(s) of --test-data-root; "
+                      f"training on all {len(cases)} case(s) of --data-root")
+    else:
+        if len(cases) < 2:
+            raise PipelineError(f"a held-out split by case needs >= 2 usable cases; {len(cases)} under {data_root}")
+        split = S.split_cases(cases, test_fraction=args.test_fraction, seed=0)
+        train_cases, test_cases = list(split.train), list(split.test)
+        test_prepared = prepared
+        man_train = S.restrict_manifest(manifest, train_cases)
+        man_test = S.restrict_manifest(manifest, test_cases)
+        split_note = f"{len(test_cases)} held-out case(s) of {len(cases)} (split by case, seed 0)"
+    pos_fraction = data_cfg.sampling.pos_fraction
+    ds_test = CTSliceDataset.from_config(test_prepared, data_cfg, man_test, seed=0)
+    n_eval, n_val = split_sizes(args, len(ds_test.slices))
+    rows, share_note = ct.draw_like_training(ds_test, n_eval + n_val, pos_fraction, seed=0)
+    n_eval, n_val = split_sizes(args, len(rows))
+    held = ct.slices_at(ds_test, rows)
     test, val = held[:n_eval], held[n_eval:n_eval + n_val]
-    train_slices = take_slices(CTSliceDataset.from_config(prepared, data_cfg, man_train, seed=0), args.n_memo)
+    ds_train = CTSliceDataset.from_config(prepared, data_cfg, man_train, seed=0)
+    train_rows = np.random.default_rng(1).permutation(len(ds_train.slices))[:args.n_memo]
+    train_slices = ct.slices_at(ds_train, train_rows)
     t0 = time.perf_counter()
     ae = M.train_slice_autoencoder(train_slices[:, :1], steps=args.feature_steps, seed=0)
     feature_net = f"SliceAutoencoder ({args.feature_steps} steps, seed 0, {len(train_slices)} train-case slices)"
+    segmentation = None
+    seg_steps = int(getattr(args, "seg_steps", 0) or 0)
+    if seg_steps > 0:
+        s = data_cfg.sampling
+        real_train = S.load_slices(prepared, man_train, train_cases, size=s.slice_size, fit=s.fit, fov_mm=s.fov_mm)
+        real_test = S.load_slices(test_prepared, man_test, test_cases, size=s.slice_size, fit=s.fit,
+                                  fov_mm=s.fov_mm)
+        # The recipe of segmentation.tstr's real arm (batch 16, its pancreas oversampling), trained once.
+        segmenter, _ = S.train_unet(real_train, None, steps=seg_steps, batch_size=16, ratio=0.0, seed=0)
+        pixel_mm = S.slice_pixel_mm(data_cfg)
+        real_dice = S.evaluate_model(segmenter, real_test, pixel_mm=pixel_mm)["dice"]
+        segmentation = SegmentationRefs(segmenter, real_train, real_test, seg_steps, pixel_mm, real_dice)
     print(f"ct: {len(train_cases)} train case(s), {len(test_cases)} held-out case(s); {n_eval} eval + {n_val} val "
-          f"held-out slices; feature net {feature_net} in {time.perf_counter() - t0:.0f} s")
+          f"held-out slices, {share_note}; feature net {feature_net}"
+          + (f"; segmenter {seg_steps} steps, real held-out Dice {segmentation.real_dice:.3f}" if segmentation else "")
+          + f" ({time.perf_counter() - t0:.0f} s)")
+    n_samples = max(int(getattr(args, "n_samples", 0) or 0), n_eval)
     data = EvalData("ct" if args.data_root else "ct-phantom", test=test, val=val, memo_train=train_slices,
                     feature_fn=ae.features, feature_net=feature_net, image_channels=slice(0, 1),
                     window=tuple(data_cfg.preprocess.hu_window), likelihood="gaussian",
-                    sigma=float(cfg.loss.gaussian_sigma),
-                    notes={"held_out": f"{len(test_cases)} held-out case(s) of {len(cases)} (split by case, seed 0)",
+                    sigma=float(cfg.loss.gaussian_sigma), n_samples=n_samples,
+                    mask_channels=int(cfg.model.mask_channels), segmentation=segmentation,
+                    notes={"held_out": split_note, "held_out_draw": share_note,
                            "train_cases": str(len(train_cases)),
                            "memorisation_reference": f"{len(train_slices)} slices of the training cases"})
     return data, (lambda c: ct.slice_batches(prepared, man_train, data_cfg, c)), test

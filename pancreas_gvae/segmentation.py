@@ -14,6 +14,10 @@ The pieces ``pipelines/augment_segmentation.py`` strings together:
   ``round(B * R / (1 + R))`` synthetic slices and the rest real ones (same steps and batch size as the
   real-only arm, so the arms see the same number of samples and gradient steps).
 * :func:`evaluate_predictions` - slice-wise ``DiceMetric`` and ``HausdorffDistanceMetric(percentile=95)``.
+* :func:`label_fidelity` - a segmenter trained on real slices predicts on synthetic images; Dice against
+  the synthetic masks (do the labels fit the images?). :func:`tstr` - Train on Synthetic, Test on Real:
+  the same UNet recipe trained on synthetic pairs only and on real ones, both scored on real test slices.
+  The mask channel's own realism (share, shape, intensity under the mask) is :mod:`pancreas_gvae.metrics.masks`.
 
 Leakage guard: the generator used for augmentation must only have seen training cases.
 :func:`train_generator` trains it from a manifest restricted to the training cases
@@ -288,6 +292,84 @@ def slice_pixel_mm(data) -> float:
 
 def evaluate_model(model: torch.nn.Module, test: SliceSet, *, pixel_mm: float) -> dict[str, float]:
     return evaluate_predictions(predict(model, test.image), test.label, pixel_mm=pixel_mm)
+
+
+# ----------------------------------------------------------------------------- synthetic labels (issue 11 §2)
+
+
+def label_fidelity(seg_model: torch.nn.Module, synthetic: SliceSet, *, pixel_mm: float = 1.0) -> dict[str, float]:
+    """Do the synthetic masks label the synthetic images? A segmenter trained on *real* slices judges.
+
+    ``seg_model`` (a :func:`train_unet` network trained on real training slices) predicts on the synthetic
+    images; :func:`evaluate_predictions` compares the predictions with the synthetic masks. Keys:
+
+    * ``fidelity/dice``, ``fidelity/hd95`` (mm): on the synthetic slices whose mask is non-empty - low when
+      the mask does not sit on what a real-trained segmenter sees as pancreas;
+    * ``fidelity/missed_share``: of those, the share where the segmenter finds nothing;
+    * ``fidelity/fp_empty_share``: of the synthetic slices with an *empty* mask, the share where the
+      segmenter finds pancreas (a pancreas drawn in the image but missing from the label); NaN without
+      such slices;
+    * ``fidelity/dice_all``: every slice (an empty mask with an empty prediction scores 1);
+    * counts ``fidelity/n_synthetic``, ``fidelity/n_with_mask``, ``fidelity/n_empty_mask``.
+
+    Bounded by the segmenter's own accuracy on real test slices: read it next to that Dice.
+    """
+    if len(synthetic) == 0:
+        raise DataError("label fidelity needs at least one synthetic slice")
+    pred = predict(seg_model, synthetic.image)
+    res = evaluate_predictions(pred, synthetic.label, pixel_mm=pixel_mm)
+    pos = synthetic.has_pancreas
+    found = pred.flatten(1).amax(1) > 0.5
+    n_pos, n_empty = int(pos.sum()), int((~pos).sum())
+    return {
+        "fidelity/dice": res["dice"],
+        "fidelity/hd95": res["hd95"],
+        "fidelity/missed_share": res["n_empty_pred"] / n_pos if n_pos else math.nan,
+        "fidelity/fp_empty_share": float(found[~pos].float().mean()) if n_empty else math.nan,
+        "fidelity/dice_all": res["dice_all"],
+        "fidelity/n_synthetic": float(len(synthetic)),
+        "fidelity/n_with_mask": float(n_pos),
+        "fidelity/n_empty_mask": float(n_empty),
+    }
+
+
+def tstr(synthetic: SliceSet, real_train: SliceSet, real_test: SliceSet, *, steps: int, batch_size: int,
+         seed: int, pixel_mm: float, lr: float = 1e-3, pos_fraction: float | None = 0.6,
+         channels: Sequence[int] = (16, 32, 64, 128), real_model: torch.nn.Module | None = None) -> dict[str, float]:
+    """Train on Synthetic, Test on Real: the UNet of :func:`train_unet` on synthetic pairs only vs on real ones.
+
+    Both arms are one :func:`train_unet` recipe (same steps, batch size, seed, learning rate, pancreas
+    oversampling ``pos_fraction``, channels); the synthetic arm passes the synthetic set in the ``real``
+    slot with no second set, so it never sees a real slice. Both are scored on ``real_test`` by
+    :func:`evaluate_model`. ``real_model``: an already trained real-only network (e.g. the real arm of
+    the augmentation experiment) to score instead of training one - the caller vouches that it used the
+    same recipe.
+
+    Keys: ``tstr/dice_synthetic``, ``tstr/dice_real``, ``tstr/ratio`` (synthetic / real; NaN when the real
+    Dice is 0 or NaN), ``tstr/hd95_synthetic``, ``tstr/hd95_real`` (mm), ``tstr/n_synthetic``,
+    ``tstr/n_real_train``, ``tstr/n_test_pancreas_slices``.
+    """
+    if len(synthetic) == 0 or len(real_train) == 0 or len(real_test) == 0:
+        raise DataError(f"TSTR needs non-empty sets, got {len(synthetic)} synthetic, {len(real_train)} real "
+                        f"training and {len(real_test)} real test slices")
+    recipe = dict(steps=steps, batch_size=batch_size, ratio=0.0, seed=seed, lr=lr, pos_fraction=pos_fraction,
+                  channels=channels)
+    syn_model, _ = train_unet(synthetic, None, **recipe)
+    if real_model is None:
+        real_model, _ = train_unet(real_train, None, **recipe)
+    syn = evaluate_model(syn_model, real_test, pixel_mm=pixel_mm)
+    real = evaluate_model(real_model, real_test, pixel_mm=pixel_mm)
+    ratio = syn["dice"] / real["dice"] if real["dice"] > 0 else math.nan  # NaN > 0 is False
+    return {
+        "tstr/dice_synthetic": syn["dice"],
+        "tstr/dice_real": real["dice"],
+        "tstr/ratio": float(ratio),
+        "tstr/hd95_synthetic": syn["hd95"],
+        "tstr/hd95_real": real["hd95"],
+        "tstr/n_synthetic": float(len(synthetic)),
+        "tstr/n_real_train": float(len(real_train)),
+        "tstr/n_test_pancreas_slices": real["n_pancreas_slices"],
+    }
 
 
 # ----------------------------------------------------------------------------- generator on the train split

@@ -31,6 +31,7 @@ import pandas as pd
 
 from pancreas_gvae import segmentation as seg
 from pancreas_gvae.config import default_tracking_uri
+from pancreas_gvae.ct.discovery import LAYOUTS
 from pancreas_gvae.errors import PipelineError, run_cli
 from pancreas_gvae.export.bundle import generator_from_checkpoint
 from pancreas_gvae.sampling import load_from_run
@@ -55,7 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     d = p.add_argument_group("data (default: a phantom cohort under OUT/phantom)")
     d.add_argument("--data-root", type=Path, help="CT data (TCIA, MSD or a plain folder)")
     d.add_argument("--labels", type=Path)
-    d.add_argument("--layout", choices=["auto", "tcia", "msd", "folder"], default="auto")
+    d.add_argument("--layout", choices=LAYOUTS, default="auto")
     d.add_argument("--pancreas-label", type=int, help="pancreas value in multi-organ label maps (e.g. 7)")
     d.add_argument("--prepared", type=Path, help="an already prepared store (prepare_ct output); default OUT/prepared")
     d.add_argument("--phantom-cases", type=int, default=10)

@@ -4,6 +4,7 @@
         --models gvae,vae,gan --seeds 0,1,2 --steps 300 --out outputs/eval/mnist
     python pipelines/evaluate.py --dataset ct --models gvae,vae,gan --seeds 0 --steps 200 --out outputs/eval/ct
     python pipelines/evaluate.py --dataset ct --data-root ../shared/data/ct --layout folder --pancreas-label 7 ...
+    python pipelines/evaluate.py --dataset ct --data-root /data/cohort-a --test-data-root /data/hospital-b ...
 
 Every model is trained by ``train_run`` (same steps, batch size and config; one MLflow run each),
 nested under one parent MLflow run ("evaluation") that holds the results table. Writes
@@ -21,10 +22,11 @@ from pathlib import Path
 import torch
 
 from pancreas_gvae.config import MODEL_KINDS, load_config
+from pancreas_gvae.ct.discovery import LAYOUTS
 from pancreas_gvae.errors import PipelineError, run_cli
 from pancreas_gvae.evaluation import evaluate_model, render_markdown, results_frame
 from pancreas_gvae.evaluation_data import ct_eval_data, mnist_eval_data
-from pancreas_gvae.training.run import train_run
+from pancreas_gvae.training.run import checkpoint_path, train_run
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENT = "pancreas-gvae-evaluation"
@@ -41,10 +43,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--config", type=Path, help="default: configs/mnist.yaml or configs/ct_64.yaml")
     p.add_argument("--data-dir", type=Path, help="MNIST / Fashion-MNIST IDX folder")
     p.add_argument("--data-root", type=Path, help="CT data; default: a phantom cohort under OUT/phantom")
-    p.add_argument("--layout", choices=["auto", "tcia", "msd", "folder"], default="auto")
+    p.add_argument("--layout", choices=LAYOUTS, default="auto")
     p.add_argument("--labels", type=Path)
     p.add_argument("--pancreas-label", type=int)
     p.add_argument("--test-fraction", type=float, default=1 / 3, help="CT: share of cases held out (>= 1 case)")
+    p.add_argument("--test-data-root", type=Path, help="CT: an external cohort scored instead of a held-out split "
+                                                        "(train on --data-root, test on these patients)")
+    p.add_argument("--test-layout", choices=LAYOUTS, default="auto")
+    p.add_argument("--test-labels", type=Path)
+    p.add_argument("--test-pancreas-label", type=int)
+    p.add_argument("--n-samples", type=int, default=2000, help="prior samples per model for FD/KID, precision/"
+                                                               "recall and the mask scores (>= --n-eval)")
+    p.add_argument("--seg-steps", type=int, default=300, help="CT: UNet steps of the label-fidelity segmenter and "
+                                                              "of TSTR (0: skip both)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the config's, sqlite:///mlflow.db)")
     p.add_argument("--experiment", default=EXPERIMENT)
     p.add_argument("--n-eval", type=int, default=1000, help="held-out images evaluated (and samples drawn)")
@@ -79,6 +90,17 @@ def _overrides(args: argparse.Namespace, model: str, seed: int) -> list[str]:
 
 
 # --------------------------------------------------------------------------- main
+
+
+def _finished_rows(path: Path, dataset: str, steps: int) -> list[dict]:
+    """Rows of an earlier, interrupted invocation with the same dataset and budget (a re-run skips them)."""
+    if not path.is_file():
+        return []
+    import pandas as pd
+
+    frame = pd.read_csv(path)
+    frame = frame[(frame["dataset"] == dataset) & (frame["steps"] == steps)]
+    return frame.to_dict("records")
 
 
 def _log_child(client, run_id: str, row: dict) -> None:
@@ -117,20 +139,27 @@ def main(argv: list[str] | None = None) -> int:
     parent_id = parent.info.run_id
     params = {"dataset": data.dataset, "models": ",".join(models), "seeds": ",".join(map(str, seeds)),
               "steps": args.steps, "batch_size": base_cfg.train.batch_size, "config": str(config),
-              "n_eval": len(data.test), "n_val": len(data.val), "iwae_k": args.iwae_k,
+              "n_eval": len(data.test), "n_val": len(data.val), "n_samples": max(data.n_samples, len(data.test)),
+              "iwae_k": args.iwae_k,
               "feature_net": data.feature_net, "likelihood": data.likelihood, **data.notes}
     for k, v in params.items():
         client.log_param(parent_id, k, str(v)[:500])
     print(f"MLflow parent run {parent_id} in {uri} (experiment {args.experiment})")
 
-    rows, status = [], "FAILED"
+    rows, status = _finished_rows(args.out / "results.csv", data.dataset, args.steps), "FAILED"
+    if rows:
+        print(f"resuming: {len(rows)} finished row(s) in {args.out / 'results.csv'} are kept, not recomputed")
     try:
         for model in models:
             for seed in seeds:
+                if any(r["model"] == model and int(r["seed"]) == seed for r in rows):
+                    continue
                 cfg = load_config(config, _overrides(args, model, seed))
                 name = f"{model}-{data.dataset}-s{seed}"
                 print(f"== training {name}: {cfg.train.steps} steps, batch {cfg.train.batch_size}", flush=True)
-                res = train_run(cfg, make_batches(cfg), preview[: cfg.train.num_samples], out_dir=args.out / "runs" / name,
+                run_dir = args.out / "runs" / name
+                res = train_run(cfg, make_batches(cfg), preview[: cfg.train.num_samples], out_dir=run_dir,
+                                resume=checkpoint_path(run_dir).is_file(),  # a killed training continues
                                 run_name=name, tags={"dataset": data.dataset, "model": model, "seed": str(seed),
                                                      "mlflow.parentRunId": parent_id}, progress=False)
                 t0 = time.perf_counter()
@@ -139,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
                                          device=res.trainer.device)
                 row = {"dataset": data.dataset, "model": model, "seed": seed, **metrics,
                        "steps": cfg.train.steps, "batch_size": cfg.train.batch_size, "n_eval": len(data.test),
-                       "n_samples": len(data.test), "iwae_k": args.iwae_k if model != "gan" else math.nan,
+                       "n_samples": max(data.n_samples, len(data.test)),
+                       "iwae_k": args.iwae_k if model != "gan" else math.nan,
                        "likelihood": (f"{data.likelihood} (binarised)" if data.likelihood == "bernoulli"
                                       else f"gaussian sigma={data.sigma}"),
                        "recon_units": "HU" if data.window else "[0,1] pixel", "feature_net": data.feature_net,
@@ -152,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
                       + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if math.isfinite(v)), flush=True)
                 frame = results_frame(rows)
                 frame.to_csv(args.out / "results.csv", index=False)  # partial table survives an interruption
+        frame = results_frame(rows)
         notes = [f"{k}: {v}" for k, v in params.items()]
         md = render_markdown(frame, title=f"Evaluation: {data.dataset}", notes=notes)
         (args.out / "results.md").write_text(md)

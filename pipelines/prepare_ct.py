@@ -1,6 +1,6 @@
 """Prepare a CT cohort for training: checks, world-space label pairing, preprocessing cache, manifest.
 
-    python pipelines/prepare_ct.py --data-root DIR --out DIR [--labels DIR] [--layout auto|tcia|msd|folder]
+    python pipelines/prepare_ct.py --data-root DIR --out DIR [--labels DIR] [--layout auto|tcia|msd|folder|slices]
         [--pancreas-label N[,N...]] [--workers N] [--config configs/data/default.yaml] [--force] [--wait SECONDS]
 
 Writes ``OUT/manifest.csv`` (one row per case, ``ok`` or ``excluded`` with a reason) and ``OUT/cache/``;
@@ -40,12 +40,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", required=True, type=Path, help="folder with the cohort (see --layout)")
     p.add_argument("--out", required=True, type=Path, help="output folder: manifest.csv and cache/")
     p.add_argument("--labels", type=Path, default=None,
-                   help="labels folder (TCIA: TCIA_pancreas_labels-02-05-2017, found beside the data if omitted)")
+                   help="labels folder (TCIA: TCIA_pancreas_labels-02-05-2017, found beside the data if omitted; "
+                        "slices: the masks folder, default DIR/masks)")
     p.add_argument("--layout", choices=LAYOUTS, default="auto",
                    help="tcia (Pancreas-CT/PANCREAS_NNNN), msd (dataset.json, imagesTr, labelsTr), "
-                        "folder (one sub-folder or NIfTI file per case); auto detects it")
+                        "folder (one sub-folder or NIfTI file per case), slices (2D images/ + masks/ + a patient "
+                        "key, one case per patient; see configs/data/nih_slices.yaml); auto detects it")
     p.add_argument("--pancreas-label", type=_label_values, default=None, metavar="N[,N]",
-                   help="label value(s) meaning pancreas in multi-organ maps (e.g. 7); default from the config")
+                   help="label value(s) meaning pancreas in multi-organ maps (e.g. 7; slices: mask values); "
+                        "default from the config")
     p.add_argument("--workers", type=int, default=1, help="parallel processes (default 1)")
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
                    help="data config YAML (default configs/data/default.yaml)")

@@ -13,6 +13,7 @@ import argparse
 from pathlib import Path
 
 from pancreas_gvae.config import MODEL_KINDS, load_config
+from pancreas_gvae.ct.discovery import LAYOUTS
 from pancreas_gvae.errors import run_cli
 from pancreas_gvae.training import ct, distributed
 from pancreas_gvae.training.run import train_run
@@ -25,7 +26,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data-root", type=Path, help="CT data (TCIA Pancreas-CT, MSD Task07 or a plain folder); "
                                                   "default: a phantom cohort made under OUT/phantom")
     p.add_argument("--labels", type=Path, help="label folder, when not beside the data")
-    p.add_argument("--layout", choices=["auto", "tcia", "msd", "folder"], default="auto")
+    p.add_argument("--layout", choices=LAYOUTS, default="auto")
     p.add_argument("--pancreas-label", type=int, help="pancreas value in multi-organ label maps (e.g. 7)")
     p.add_argument("--config", type=Path, default=REPO / "configs" / "ct_64.yaml")
     p.add_argument("--model", choices=MODEL_KINDS)
@@ -73,9 +74,10 @@ def main(argv: list[str] | None = None) -> int:
             manifest = read_manifest(prepared)
         batches = ct.slice_batches(prepared, manifest, data, cfg, num_workers=int(cfg.data.get("loader_workers", 0)))
         preview = ct.preview_slices(prepared, manifest, data, cfg.train.num_samples // 2, cfg.train.seed)
+        monitor = ct.mask_monitor(prepared, manifest, data, cfg) if distributed.is_main_process() else None
         result = train_run(
             cfg, batches, preview, out_dir=args.out, run_name=f"{cfg.model.kind}-ct", resume=args.resume,
-            tags={"dataset": "phantom" if args.data_root is None else "ct", "model": cfg.model.kind},
+            tags={"dataset": "phantom" if args.data_root is None else "ct", "model": cfg.model.kind}, monitor=monitor,
             on_finish=lambda trainer, tracker, out: ct.log_ct_artifacts(
                 trainer, tracker, out, data=data, manifest=manifest, n_nifti=int(cfg.data.get("nifti_samples", 16))),
         )

@@ -1,7 +1,7 @@
 """MONAI dictionary transforms for CT: the deterministic (cached) chain and the random sampling chain.
 
-Deterministic chain (:func:`build_preprocess_chain`), on ``{"image": <ordered DICOM files> | <NIfTI path>,
-"label": <NIfTI path>}``::
+Deterministic chain (:func:`build_preprocess_chain`), on ``{"image": <ordered DICOM files> | <NIfTI path> |
+<MetaTensor>, "label": <NIfTI path> | <MetaTensor>}`` (a MetaTensor: a 2D slice set's stacked slices)::
 
     LoadCTd            DICOM: MONAI's ITKReader on our ordered file list; NIfTI: nibabel; channel first;
                        the affines must be invertible and unsheared
@@ -166,6 +166,9 @@ class LoadCTd(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             src = d[key]
+            if isinstance(src, MetaTensor):  # already read: a 2D slice set's stack (pancreas_gvae.ct.slice_sets)
+                check_affine(_affine(src), f"{key} (slice stack)", self.max_shear_degrees)
+                continue
             is_dicom = isinstance(src, (list, tuple))
             if not is_dicom and not _is_nifti(src):
                 raise CaseExcluded("unreadable_file", f"{key}: not a DICOM file list or NIfTI path: {src!r}")

@@ -71,6 +71,15 @@ def list_slices(cache_dir: str | Path, manifest: pd.DataFrame | str | Path | Non
     return df[["case_id", "slice", "pancreas_voxels", "has_pancreas", "has_label"]]
 
 
+def _refuse_context_for_slice_sets(root: Path, case_ids: Iterable[str], context_slices: int) -> None:
+    """2.5D context needs neighbouring slices; a 2D slice set's stacked slices of a patient are not neighbours."""
+    for cid in case_ids:
+        meta = json.loads((root / cid / META_NAME).read_text())
+        if meta.get("layout", (meta.get("row") or {}).get("layout")) == "slices":
+            raise DataError(f"context_slices={context_slices} needs neighbouring slices, but case {cid} is a 2D slice "
+                            f"set (its slices are not adjacent); set sampling.context_slices to 0")
+
+
 class CTSliceDataset(Dataset):
     """Axial slice samples ``{"image": (C, size, size) float32 in [0, 1], "label": (1, size, size) float32 0/1,
     "has_label": () float32 1 or 0 (image-only case: the label is all zero and means "unknown"), "case_id", "slice"}``.
@@ -81,7 +90,8 @@ class CTSliceDataset(Dataset):
         size: output height and width in pixels.
         pos_fraction: share of samples drawn from slices with pancreas (oversampling), the rest from the
             other slices (image-only cases included); None: every slice once per epoch in random order.
-        context_slices: 2.5D: this many neighbours on each side as extra channels (edges repeat the end slice).
+        context_slices: 2.5D: this many neighbours on each side as extra channels (edges repeat the end slice);
+            refused for cases of a 2D slice set (``--layout slices``), whose slices are not neighbours.
         seed: with the epoch, decides which slices are visited and every random crop.
         samples_per_epoch: epoch length; None: the number of slices.
         cases: restrict to these case ids (the train / validation split).
@@ -102,6 +112,8 @@ class CTSliceDataset(Dataset):
         self.root = cache_root(cache_dir)
         self.slices = list_slices(self.root, manifest, cases=cases)
         self.case_ids = sorted(self.slices["case_id"].unique())
+        if context_slices:
+            _refuse_context_for_slice_sets(self.root, self.case_ids, context_slices)
         self.size, self.context, self.seed, self.fit, self.fov_mm = int(size), int(context_slices), seed, fit, fov_mm
         self.pos_fraction = pos_fraction
         self.samples_per_epoch = samples_per_epoch or len(self.slices)

@@ -19,7 +19,8 @@ REASONS: dict[str, str] = {
     "missing_label": "no label file found for the image",
     "no_image": "the case folder holds no DICOM or NIfTI image",
     "ambiguous_image": "several NIfTI images in one case folder, or two cases with one id",
-    "unreadable_file": "a file cannot be parsed (not DICOM / not NIfTI / corrupt)",
+    "unreadable_file": "a file cannot be parsed (not DICOM / not NIfTI / corrupt; a slice-set file that is not a "
+                       "2D image)",
     "truncated_file": "a file ends before its pixel data does",
     "no_pixel_data": "a DICOM file of the chosen series has no Pixel Data element",
     "not_ct": "the series modality is not CT (e.g. MR)",
@@ -33,6 +34,8 @@ REASONS: dict[str, str] = {
     "non_uniform_spacing": "slice gaps differ from the median interval beyond slice_gap_tolerance",
     "inconsistent_slices": "slices of the chosen series differ in pixel spacing (or lack it)",
     "too_few_slices": "fewer slices than min_slices",
+    "slice_size_mismatch": "the slices of one patient of a 2D slice set differ in size",
+    "not_grayscale": "a 2D slice is a colour image (RGB channels that differ)",
     "non_finite_voxels": "NaN or infinite voxel values",
     "implausible_hu": "voxel values do not look like Hounsfield units (no air below -500 or nothing above 0), "
                       "or lie outside the declared display range",

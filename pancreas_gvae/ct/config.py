@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,31 @@ class SamplingConfig:
     patch_neg: float = 1.0
     patch_num_samples: int = 4
 
+SLICE_SET_PATTERN = r"^(.*?)[-_](\d+)$"
+
+
+@dataclass
+class SliceSetConfig:
+    """The 2D slice-set layout (``--layout slices``): a folder of 2D images + masks, one case per patient.
+
+    The defaults fit the NIH Pancreas-CT 2D set (``images/<patient>-<index>.jpg``, ``masks/<same>.png``,
+    ``manifest.csv`` with ``slice, patient, source_index``). A slice set stores no spacing: ``pixel_mm`` is an
+    assumption (NIH in-plane spacing is 0.66-0.98 mm) and the slice axis gets a nominal 1 mm.
+    """
+
+    images: str = "images"  # folder of 2D images (PNG, JPEG, .npy), relative to the data root
+    masks: str = "masks"  # folder of masks with the images' stems (PNG, .npy); --labels overrides it
+    manifest: str | None = "manifest.csv"  # optional CSV, one row per slice; absent: patient_pattern on the stem
+    patient_column: str = "patient"
+    slice_column: str = "slice"  # the slice's file stem
+    order_column: str | None = "source_index"  # slice order within a patient; null or absent: by name
+    image_column: str = "image"  # optional manifest columns with image / mask paths relative to the data root
+    mask_column: str = "mask"
+    patient_pattern: str = SLICE_SET_PATTERN  # without a manifest: group 1 of this regex on the stem = patient
+    pixel_mm: float = 0.8  # assumed in-plane pixel size (mm): none is stored in such sets
+    mask_values: list[int] | None = None  # null: any nonzero mask value is pancreas; else these values
+
+
 @dataclass
 class DataConfig:
     labels: LabelConfig = field(default_factory=LabelConfig)
@@ -122,11 +148,18 @@ class DataConfig:
     checks: CheckConfig = field(default_factory=CheckConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    slice_set: SliceSetConfig = field(default_factory=SliceSetConfig)
 
     def pancreas_values(self, layout: str, override: int | list[int] | None = None) -> list[int]:
-        """Label values mapped to pancreas for ``layout``; ``override`` (the CLI flag) wins."""
+        """Label values mapped to pancreas for ``layout``; ``override`` (the CLI flag) wins.
+
+        ``slices``: the slice-set reader maps each mask to 0/1 itself (``slice_set.mask_values``, which the
+        flag replaces), so the chain sees 1 = pancreas.
+        """
         if override is not None:
             values = [override] if isinstance(override, int) else list(override)
+        elif layout == "slices":
+            values = [1]
         else:
             values = list(getattr(self.labels, layout))
         if not values or any(int(v) <= 0 for v in values):
@@ -183,6 +216,34 @@ def validate(cfg: DataConfig) -> None:
         raise PipelineError(f"sampling.fit must be resize or crop, got {s.fit}")
     if s.pos_fraction is not None and not 0.0 <= s.pos_fraction <= 1.0:
         raise PipelineError(f"sampling.pos_fraction must be in [0, 1] or null, got {s.pos_fraction}")
+    ss = cfg.slice_set
+    try:
+        px = float(ss.pixel_mm)
+    except (TypeError, ValueError):
+        px = float("nan")
+    if not px > 0:
+        raise PipelineError(f"slice_set.pixel_mm must be a positive number of mm, got {ss.pixel_mm!r}")
+    try:
+        pattern = re.compile(str(ss.patient_pattern))
+    except re.error as err:
+        raise PipelineError(f"slice_set.patient_pattern is not a valid regular expression: {err}") from None
+    if pattern.groups < 1:
+        raise PipelineError(f"slice_set.patient_pattern needs a group for the patient, got {ss.patient_pattern!r}")
+    if ss.mask_values is not None and (not isinstance(ss.mask_values, list) or not ss.mask_values
+                                       or any(isinstance(v, bool) or not isinstance(v, int) or v <= 0
+                                              for v in ss.mask_values)):
+        raise PipelineError(f"slice_set.mask_values must be null (any nonzero) or a list of positive integers, "
+                            f"got {ss.mask_values!r}")
+
+
+def check_slice_set_settings(cfg: DataConfig) -> None:
+    """Settings a 2D slice set cannot honour: neighbouring slices of a patient in such a set are not adjacent."""
+    if cfg.sampling.context_slices:
+        raise PipelineError(f"sampling.context_slices must be 0 for a 2D slice set (got "
+                            f"{cfg.sampling.context_slices}): its slices of one patient are not neighbours")
+    if cfg.preprocess.spacing[2] is not None:
+        raise PipelineError(f"preprocess.spacing[2] must be null for a 2D slice set (got "
+                            f"{cfg.preprocess.spacing[2]}): resampling across its slices would blend unrelated slices")
 
 def slice_spacing_mm(cfg: DataConfig) -> tuple[float, float] | None:
     """(x, y) mm per pixel of the sampled 2D slices: ``fov_mm / slice_size`` for ``fit=resize`` with a field of
@@ -193,14 +254,19 @@ def slice_spacing_mm(cfg: DataConfig) -> tuple[float, float] | None:
     x, y = cfg.preprocess.spacing[:2]
     return (float(x), float(y)) if x and y else None
 
-def config_hash(cfg: DataConfig, pancreas_values: list[int]) -> str:
-    """Short hash of everything that decides a cached case: checks, preprocessing, label mapping, format."""
+def config_hash(cfg: DataConfig, pancreas_values: list[int], layout: str | None = None) -> str:
+    """Short hash of everything that decides a cached case: checks, preprocessing, label mapping, format.
+
+    The ``slice_set`` section counts for the ``slices`` layout only (volume layouts keep their hashes).
+    """
     payload = {
         "format": CACHE_FORMAT_VERSION,
         "checks": dataclasses.asdict(cfg.checks),
         "preprocess": dataclasses.asdict(cfg.preprocess),
         "pancreas_values": sorted(int(v) for v in pancreas_values),
     }
+    if layout == "slices":
+        payload["slice_set"] = dataclasses.asdict(cfg.slice_set)
     text = json.dumps(_numbers_as_float(payload), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -1,4 +1,5 @@
-"""Find the cases under a data root: TCIA Pancreas-CT, MSD Task07, or a plain folder (docs/data.md).
+"""Find the cases under a data root: TCIA Pancreas-CT, MSD Task07, a plain folder, or a 2D slice set
+(:mod:`pancreas_gvae.ct.slice_sets`; docs/data.md).
 
 Discovery only looks at names; nothing is read here. A case that is known to be unusable before reading
 (a duplicate, no image) carries its exclusion reason so that it still gets a manifest row. A case without a
@@ -16,7 +17,7 @@ from pathlib import Path
 from pancreas_gvae.ct.dicom_series import candidate_files
 from pancreas_gvae.errors import DataError
 
-LAYOUTS = ("auto", "tcia", "msd", "folder")
+LAYOUTS = ("auto", "tcia", "msd", "folder", "slices")
 TCIA_COLLECTION_DIRS = ("Pancreas-CT", "DOI")
 TCIA_LABEL_DIR_GLOB = "TCIA_pancreas_labels*"
 _TCIA_CASE = re.compile(r"^PANCREAS_(\d{4})$", re.IGNORECASE)
@@ -34,11 +35,12 @@ class CaseSource:
     case_id: str
     layout: str
     image: Path | None
-    kind: str  # dicom | nifti
+    kind: str  # dicom | nifti | slices
     label: Path | None
     excluded: tuple[str, str] | None = None  # (reason code, detail) known from names alone
     notes: list[str] = field(default_factory=list)
     label_missing: str = ""  # why no label was found (label is None): missing_label's detail
+    slices: list = field(default_factory=list)  # kind slices: the patient's SliceSource entries, in order
 
 
 @dataclass
@@ -75,19 +77,26 @@ def _tcia_collections(root: Path) -> list[Path]:
     return found
 
 
-def detect_layout(root: str | Path) -> str:
-    """``msd`` when dataset.json + imagesTr/ exist, ``tcia`` when PANCREAS_NNNN folders exist, else ``folder``."""
+def detect_layout(root: str | Path, slice_set=None) -> str:
+    """``msd`` when dataset.json + imagesTr/ exist, ``tcia`` when PANCREAS_NNNN folders exist, ``slices`` for a
+    2D slice set (``images/`` + ``masks/`` of 2D files, or a slice manifest with image/mask columns), else
+    ``folder``. ``slice_set``: the :class:`~pancreas_gvae.ct.config.SliceSetConfig` (defaults if None)."""
+    from pancreas_gvae.ct.slice_sets import is_slice_set
+
     root = Path(root)
     if (root / "dataset.json").is_file() and (root / "imagesTr").is_dir():
         return "msd"
     if _tcia_collections(root):
         return "tcia"
+    if is_slice_set(root, slice_set):
+        return "slices"
     return "folder"
 
 
 def discover(data_root: str | Path, *, labels: str | Path | None = None, layout: str = "auto",
-             exclude_cases: dict[str, str] | None = None) -> Discovery:
-    """Cases under ``data_root`` in ``layout`` (``auto`` detects it); ``exclude_cases`` maps case id -> why."""
+             exclude_cases: dict[str, str] | None = None, slice_set=None) -> Discovery:
+    """Cases under ``data_root`` in ``layout`` (``auto`` detects it); ``exclude_cases`` maps case id -> why;
+    ``slice_set`` configures the ``slices`` layout (defaults if None)."""
     root = Path(data_root).expanduser()
     if not root.is_dir():
         raise DataError(f"data root not found or not a folder: {root}")
@@ -96,9 +105,14 @@ def discover(data_root: str | Path, *, labels: str | Path | None = None, layout:
     labels_dir = Path(labels).expanduser() if labels is not None else None
     if labels_dir is not None and not labels_dir.is_dir():
         raise DataError(f"labels folder not found: {labels_dir}")
-    resolved = detect_layout(root) if layout == "auto" else layout
-    finder = {"tcia": _discover_tcia, "msd": _discover_msd, "folder": _discover_folder}[resolved]
-    cases, labels_dir = finder(root, labels_dir)
+    resolved = detect_layout(root, slice_set) if layout == "auto" else layout
+    if resolved == "slices":
+        from pancreas_gvae.ct.slice_sets import discover_slices
+
+        cases, labels_dir = discover_slices(root, labels_dir, slice_set)
+    else:
+        finder = {"tcia": _discover_tcia, "msd": _discover_msd, "folder": _discover_folder}[resolved]
+        cases, labels_dir = finder(root, labels_dir)
     seen: set[str] = set()
     for case in cases:
         if case.case_id in seen and case.excluded is None:

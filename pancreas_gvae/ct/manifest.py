@@ -1,7 +1,7 @@
 """The manifest: one row per case, ``ok`` or ``excluded`` with a reason (columns in docs/data.md).
 
-Nothing patient-identifying goes in: case ids are TCIA's de-identified ids, MSD file names or folder
-names; source paths stop at the case folder (NBIA study/series folder names carry dates and UIDs); any
+Nothing patient-identifying goes in: case ids are TCIA's de-identified ids, MSD file names, folder names or
+the patient key of a 2D slice set (``source_slices`` names its slices; neither is a shareable column); source paths stop at the case folder (NBIA study/series folder names carry dates and UIDs); any
 UID-like string in a message is masked.
 """
 
@@ -20,7 +20,7 @@ import pandas as pd
 MANIFEST_NAME = "manifest.csv"
 COLUMNS = [
     "case_id", "layout", "status", "reason", "notes", "has_label", "input_intensity", "image_path", "label_path",
-    "shape", "spacing", "slice_thickness", "slice_interval", "n_slices", "vendor",
+    "shape", "spacing", "slice_thickness", "slice_interval", "n_slices", "source_slices", "vendor",
     "hu_min", "hu_max", "label_voxels", "label_median_hu", "label_air_fraction", "label_fat_fraction",
     "pancreas_slices", "pancreas_slice_count", "cache_shape", "cache_spacing", "cache_path",
     "config_hash", "from_cache", "seconds",
@@ -115,7 +115,8 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     if path.is_dir():
         path = path / MANIFEST_NAME
-    return pd.read_csv(path, dtype={"case_id": str, "reason": str, "notes": str}, keep_default_na=False)
+    return pd.read_csv(path, dtype={"case_id": str, "reason": str, "notes": str, "source_slices": str},
+                       keep_default_na=False)
 
 
 def _is_true(values: pd.Series) -> pd.Series:

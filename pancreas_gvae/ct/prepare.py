@@ -5,10 +5,13 @@ Each case runs inside its own try/except: whatever goes wrong becomes a manifest
 entry has the same config hash and source fingerprint (resume), so only new or changed cases are redone.
 One run at a time per output folder (``OUT/.lock``, see :mod:`pancreas_gvae.ct.outlock`); a case without a
 label is excluded (``missing_label``) unless ``labels.require_label`` is false, then it is prepared image-only.
+A 2D slice set (``--layout slices``) gives one case per patient: :mod:`pancreas_gvae.ct.slice_sets` reads and
+stacks its slices, then the same chain and cache run.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import multiprocessing
@@ -24,7 +27,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from pancreas_gvae.ct.checks import CaseExcluded
-from pancreas_gvae.ct.config import DataConfig, config_hash, load_data_config, validate
+from pancreas_gvae.ct.config import DataConfig, check_slice_set_settings, config_hash, load_data_config, validate
 from pancreas_gvae.ct.dicom_series import candidate_files, scan_dicom_files
 from pancreas_gvae.ct.discovery import CaseSource, discover, mark_missing_labels
 from pancreas_gvae.ct.manifest import MANIFEST_NAME, dims, redact, redacted_stderr, relative, to_frame, write_manifest
@@ -36,6 +39,10 @@ log = logging.getLogger(__name__)
 
 def source_fingerprint(case: CaseSource) -> str:
     """Hash of the names, sizes and modification times of a case's files: a changed source redoes the case."""
+    if case.kind == "slices":
+        from pancreas_gvae.ct.slice_sets import slice_fingerprint
+
+        return slice_fingerprint(case)
     paths: list[Path] = []
     if case.image is not None:
         paths += candidate_files(case.image) if case.image.is_dir() else [case.image]
@@ -95,15 +102,31 @@ def _prepare_case(case: CaseSource, cache_dir: Path, cfg: DataConfig, pancreas_v
     try:
         if case.excluded is not None:
             raise CaseExcluded(*case.excluded)
-        if case.kind == "dicom":
+        label_src: Any = str(case.label) if has_label else None
+        if case.kind == "slices":
+            from monai.data import MetaTensor
+            import torch
+
+            from pancreas_gvae.ct.slice_sets import read_slice_case
+
+            stack = read_slice_case(case, cfg, has_label=has_label)
+            notes += stack.notes
+            if stack.excluded is not None:
+                raise stack.excluded
+            row.update(n_slices=len(stack.names), source_slices=" ".join(stack.names))
+            affine = torch.as_tensor(stack.affine, dtype=torch.float64)
+            image_src: Any = MetaTensor(torch.from_numpy(stack.image)[None], affine=affine)
+            if has_label:
+                label_src = MetaTensor(torch.from_numpy(stack.label)[None], affine=affine.clone())
+        elif case.kind == "dicom":
             series = scan_dicom_files(candidate_files(case.image), cfg.checks)
             notes += series.notes
             row.update(slice_thickness=series.thickness, slice_interval=round(series.interval, 4),
                        n_slices=len(series.files), vendor=series.manufacturer)
-            image_src: Any = series.files
+            image_src = series.files
         else:
             image_src = str(case.image)
-        source = {"image": image_src, **({"label": str(case.label)} if has_label else {})}
+        source = {"image": image_src, **({"label": label_src} if has_label else {})}
         data = build_preprocess_chain(cfg, pancreas_values, has_label=has_label)(source)
         qc = data.get(QC_KEY, {})
         notes += qc.get("notes", [])
@@ -118,7 +141,7 @@ def _prepare_case(case: CaseSource, cache_dir: Path, cfg: DataConfig, pancreas_v
         image = data["image"]
         label = data["label"].numpy()[0] if has_label else None
         row.update(status="ok", notes=redact("; ".join(notes), roots))
-        meta = {"config_hash": chash, "fingerprint": fingerprint}
+        meta = {"config_hash": chash, "fingerprint": fingerprint, "layout": case.layout}
         stored = save_cached_case(cache_dir, case.case_id, image.numpy()[0], label,
                                   image.affine.numpy(), meta, dtype=cfg.preprocess.cache_dtype)
         hits = np.flatnonzero(stored["slice_voxels"])
@@ -180,13 +203,20 @@ def prepare_dataset(data_root: str | Path, out_dir: str | Path, *, labels: str |
     validate(cfg)
     if workers < 1:
         raise PipelineError(f"--workers must be at least 1, got {workers}")
-    found = discover(data_root, labels=labels, layout=layout, exclude_cases=cfg.exclude_cases)
+    found = discover(data_root, labels=labels, layout=layout, exclude_cases=cfg.exclude_cases,
+                     slice_set=cfg.slice_set)
     if cfg.labels.require_label:
         mark_missing_labels(found.cases)
     if not found.cases:
         raise DataError(f"no cases found under {found.root} (layout {found.layout})")
     values = cfg.pancreas_values(found.layout, pancreas_label)
-    chash = config_hash(cfg, values)
+    if found.layout == "slices":
+        check_slice_set_settings(cfg)
+        if pancreas_label is not None:  # the slice reader maps masks to 0/1: the flag selects the mask values
+            cfg = copy.deepcopy(cfg)
+            cfg.slice_set.mask_values = values
+            values = [1]
+    chash = config_hash(cfg, values, found.layout)
     out_dir = Path(out_dir)
     cache_dir = _make_out_dir(out_dir)
     with locked_output(out_dir, wait_s):

@@ -16,6 +16,7 @@ Each module's docstring carries the mathematics and the caveats.
 | precision / recall (k-NN manifolds) | :func:`precision_recall` | :mod:`.fidelity` |
 | mode coverage | :func:`mode_coverage` | :mod:`.fidelity` |
 | memorisation | :func:`memorisation_check` | :mod:`.memorisation` |
+| mask channel: share, shape, intensity under the mask | :func:`mask_scores`, :func:`mask_shape_distance` | :mod:`.masks` |
 | feature networks (in-project) | :func:`train_classifier`, :func:`train_slice_autoencoder` | :mod:`.feature_nets` |
 """
 
@@ -52,6 +53,14 @@ from pancreas_gvae.metrics.likelihood import (
     parzen_estimate,
     parzen_log_likelihood,
     select_parzen_bandwidth,
+)
+from pancreas_gvae.metrics.masks import (
+    SHAPE_FEATURES,
+    intensity_under_mask_distance,
+    mask_scores,
+    mask_shape_distance,
+    mask_shape_features,
+    mask_share,
 )
 from pancreas_gvae.metrics.memorisation import (
     MemorisationResult,
@@ -90,6 +99,7 @@ __all__ = [
     "ParzenResult",
     "PrecisionRecall",
     "ReconstructionError",
+    "SHAPE_FEATURES",
     "SliceAutoencoder",
     "SmallClassifier",
     "accuracy",
@@ -103,10 +113,15 @@ __all__ = [
     "frechet_distance",
     "frechet_distance_features",
     "gaussian_bandwidths",
+    "intensity_under_mask_distance",
     "iwae_bound",
     "kernel_distance",
     "kl_standard_normal",
     "knn_radii",
+    "mask_scores",
+    "mask_shape_distance",
+    "mask_shape_features",
+    "mask_share",
     "median_heuristic",
     "memorisation_check",
     "mmd2_features",

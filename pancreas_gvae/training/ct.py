@@ -9,6 +9,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -108,6 +109,90 @@ def stack_inputs(dataset: CTSliceDataset, n: int) -> torch.Tensor:
     """The first ``n`` items of the dataset's current epoch as model inputs ``(N, C + 1, H, W)``."""
     items = (dataset[i] for i in range(min(n, len(dataset))))
     return torch.stack([torch.cat([item["image"], item["label"]]) for item in items])
+
+
+class MaskMonitor:
+    """Scores of the EMA generator's prior samples against real slices, at every sampling step of a CT run.
+
+    Logged to MLflow as ``mask/...`` (share of samples with a mask vs the real share, shape realism,
+    intensity under the mask: :func:`pancreas_gvae.metrics.mask_scores`) and ``fidelity/...`` (a UNet
+    trained once, at the start, on real slices of the cohort predicts on the samples; Dice against their
+    masks: :func:`pancreas_gvae.segmentation.label_fidelity`). The samples come from fixed codes, so the
+    curves compare like with like from step to step. ``evaluate.py`` gives the held-out-patient figures.
+    """
+
+    def __init__(self, real: torch.Tensor, *, latent_dim: int, n_samples: int, seed: int, pixel_mm: float | None,
+                 segmenter: torch.nn.Module | None = None):
+        self.real_img, self.real_mask = real[:, :1], (real[:, -1:] > 0.5).float()
+        self.latent_dim, self.n_samples, self.seed = latent_dim, n_samples, seed
+        self.pixel_mm, self.segmenter = pixel_mm, segmenter
+
+    @torch.no_grad()
+    def __call__(self, trainer) -> dict[str, float]:
+        import math
+
+        from pancreas_gvae import metrics as M
+        from pancreas_gvae import segmentation as S
+
+        samples = generate(trainer.ema_generator, self.n_samples, latent_dim=self.latent_dim, seed=self.seed,
+                           device=trainer.device)
+        fake_img, fake_mask = samples[:, :1], (samples[:, -1:] > 0.5).float()
+        scores = M.mask_scores(self.real_img, self.real_mask, fake_img, fake_mask, pixel_mm=self.pixel_mm)
+        if self.segmenter is not None:
+            synthetic = S.SliceSet(fake_img, fake_mask, ["synthetic"] * len(samples))
+            scores.update(S.label_fidelity(self.segmenter, synthetic, pixel_mm=self.pixel_mm or 1.0))
+        return {k: float(v) for k, v in scores.items() if math.isfinite(float(v))}
+
+
+def mask_monitor(prepared: Path, manifest: pd.DataFrame, data: DataConfig, cfg: Config) -> MaskMonitor:
+    """The monitor of a CT run (``data.monitor``: ``n_samples`` 256, ``n_real`` 512, ``segmenter_steps`` 200)."""
+    from pancreas_gvae import segmentation as S
+    from pancreas_gvae.ct.config import slice_spacing_mm
+
+    opts = dict(cfg.data.get("monitor", {}) or {})
+    unknown = set(opts) - {"n_samples", "n_real", "segmenter_steps"}
+    if unknown:
+        raise PipelineError(f"unknown key(s) under data.monitor: {', '.join(sorted(unknown))}")
+    ds = CTSliceDataset.from_config(prepared, data, manifest, seed=cfg.train.seed + 3)
+    rows, _ = draw_like_training(ds, int(opts.get("n_real", 512)), data.sampling.pos_fraction, seed=cfg.train.seed)
+    real = slices_at(ds, rows)
+    spacing = slice_spacing_mm(data)
+    pixel_mm = spacing[0] if spacing is not None else None
+    segmenter = None
+    steps = int(opts.get("segmenter_steps", 200))
+    if steps > 0 and distributed.is_main_process():
+        labelled = S.SliceSet(real[:, :1].contiguous(), (real[:, -1:] > 0.5).float(), [])
+        segmenter, _ = S.train_unet(labelled, None, steps=steps, batch_size=16, ratio=0.0, seed=cfg.train.seed)
+    return MaskMonitor(real, latent_dim=cfg.model.latent_dim, n_samples=int(opts.get("n_samples", 256)),
+                       seed=cfg.train.seed + 11, pixel_mm=pixel_mm, segmenter=segmenter)
+
+
+def draw_like_training(ds, n: int, pos_fraction: float | None, seed: int) -> tuple[np.ndarray, str]:
+    """Up to ``n`` distinct slice rows of ``ds`` with the training draw's pancreas share (no slice twice).
+
+    Training oversamples pancreas slices to ``pos_fraction``; held-out slices drawn at their natural share
+    would score a model against another distribution. When one pool runs out, fewer slices are drawn so the
+    share still holds; a cohort whose slices all hold pancreas (slice sets) has share 1 either way.
+    """
+    rng = np.random.default_rng([seed, 4242])
+    has = ds.slices["has_pancreas"].to_numpy().astype(bool)
+    pos, neg = rng.permutation(np.flatnonzero(has)), rng.permutation(np.flatnonzero(~has))
+    if pos_fraction is None or not len(pos) or not len(neg):
+        rows = rng.permutation(np.arange(len(has)))[:n]
+    else:
+        f = float(pos_fraction)
+        total = min(n, int(len(pos) / f) if f > 0 else n, int(len(neg) / (1 - f)) if f < 1 else n)
+        n_pos = int(round(f * total))
+        rows = rng.permutation(np.concatenate([pos[:n_pos], neg[:total - n_pos]]))
+    share = float(has[rows].mean()) if len(rows) else float("nan")
+    natural = float(has.mean()) if len(has) else float("nan")
+    return rows, f"pancreas share {share:.2f} (training draw {pos_fraction}; all slices of these cases {natural:.2f})"
+
+
+def slices_at(ds, rows) -> torch.Tensor:
+    """Model inputs ``(N, C + 1, H, W)`` for the given slice rows of ``ds`` (CT channel(s) + mask)."""
+    ds.order = np.asarray(rows)
+    return stack_inputs(ds, len(rows))
 
 
 def shareable_manifest(manifest: pd.DataFrame) -> pd.DataFrame:

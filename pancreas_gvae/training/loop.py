@@ -57,7 +57,8 @@ class Preview:
 
 
 def fit(trainer: Trainer, batches: BatchSource, *, steps: int, checkpoint_path: Path, tracker, preview: Preview,
-        extra_state: Callable[[], dict] | None = None, progress: bool = True) -> dict[str, float]:
+        extra_state: Callable[[], dict] | None = None, progress: bool = True,
+        monitor: Callable[[Trainer], dict[str, float]] | None = None) -> dict[str, float]:
     """Train up to ``steps`` total steps (continuing from ``trainer.step``); return the last logged values.
 
     Losses are read on the host only at logging steps (and at epoch ends for the epoch means);
@@ -98,6 +99,8 @@ def fit(trainer: Trainer, batches: BatchSource, *, steps: int, checkpoint_path: 
         if main and (step % tc.sample_every == 0 or step == steps):
             for key, grid in preview.grids().items():
                 tracker.log_image(key, grid, step=step)
+            if monitor is not None:  # e.g. the CT run's mask scores of prior samples
+                tracker.log_metrics(monitor(trainer), step=step)
         if checkpoint_now:
             state = trainer.state_dict()  # every rank: it gathers the per-rank noise RNG states
             if main:

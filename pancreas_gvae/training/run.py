@@ -68,7 +68,7 @@ def checkpoint_path(out_dir: Path) -> Path:
 def train_run(cfg: Config, batches: BatchSource, preview_images: torch.Tensor, *, out_dir: str | Path,
               run_name: str, resume: bool = False, tags: dict[str, str] | None = None,
               on_finish: Callable[[Trainer, object, Path], None] | None = None,
-              progress: bool = True) -> RunResult:
+              progress: bool = True, monitor: Callable[[Trainer], dict[str, float]] | None = None) -> RunResult:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.train.seed)
@@ -104,7 +104,7 @@ def train_run(cfg: Config, batches: BatchSource, preview_images: torch.Tensor, *
     start = time.perf_counter()
     try:
         logs = fit(trainer, batches, steps=cfg.train.steps, checkpoint_path=ckpt, tracker=tracker, preview=preview,
-                   extra_state=lambda: {"mlflow_run_id": tracker.run_id}, progress=progress)
+                   extra_state=lambda: {"mlflow_run_id": tracker.run_id}, progress=progress, monitor=monitor)
         if main:
             for key, grid in preview.grids().items():
                 tracker.log_artifact(save_png(grid, out_dir / f"{key}.png"), artifact_path="final")

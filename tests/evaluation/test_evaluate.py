@@ -21,16 +21,17 @@ TINY = ["--steps", "3", "--batch-size", "8", "--n-eval", "16", "--n-val", "8", "
 def test_cli_writes_tables_and_nested_mlflow_runs(tmp_path, mnist_dir):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     out = tmp_path / "eval"
-    code = evaluate.main(["--dataset", "mnist", "--data-dir", str(mnist_dir), "--models", "vae,gan", "--seeds", "0",
-                          "--out", str(out), "--tracking-uri", uri, *TINY])
+    code = evaluate.main(["--dataset", "mnist", "--data-dir", str(mnist_dir), "--models", "gvae,vae,gan",
+                          "--seeds", "0", "--out", str(out), "--tracking-uri", uri, "--n-samples", "40", *TINY])
     assert code == 0
     frame = pd.read_csv(out / "results.csv")
     assert list(frame.columns) == COLUMNS
-    assert sorted(frame["model"]) == ["gan", "vae"] and set(frame["seed"]) == {0} and len(frame) == 2
-    gan, vae = frame[frame.model == "gan"].iloc[0], frame[frame.model == "vae"].iloc[0]
-    for c in ENCODER_ONLY:  # blank, not zero, for the GAN; present for the VAE
+    assert sorted(frame["model"]) == ["gan", "gvae", "vae"] and set(frame["seed"]) == {0} and len(frame) == 3
+    gan, vae, gvae = (frame[frame.model == m].iloc[0] for m in ("gan", "vae", "gvae"))
+    for c in ENCODER_ONLY:  # blank, not zero, for the GAN; present for the VAE and the GVAE
         assert math.isnan(gan[c]), c
-        assert math.isfinite(vae[c]), c
+        assert math.isfinite(vae[c]) and math.isfinite(gvae[c]), c
+    assert (frame["n_samples"] == 40).all() and (frame["kid_feature_sd"] > 0).all(), "KID subsets < sample set"
     for c in ["mmd2_pixel", "mmd2_feature", "loglik_parzen_nats", "fid_feature", "precision", "recall",
               "modes_covered", "memo_near_copy_frac", "memo_median_nn_ratio", "diversity_ms_ssim"]:
         assert math.isfinite(gan[c]) and math.isfinite(vae[c]), c
@@ -45,13 +46,43 @@ def test_cli_writes_tables_and_nested_mlflow_runs(tmp_path, mnist_dir):
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     pid = parents[0].info.run_id
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == pid]
-    assert len(children) == 2 and len(runs) == 3
+    assert len(children) == 3 and len(runs) == 4
     assert {c.info.run_id for c in children} == set(frame["run_id"])
     vae_run = next(c for c in children if c.data.tags["model"] == "vae")
     assert "eval/elbo_nats" in vae_run.data.metrics and "eval/mmd2_pixel" in vae_run.data.metrics
     gan_run = next(c for c in children if c.data.tags["model"] == "gan")
     assert "eval/elbo_nats" not in gan_run.data.metrics
     assert {a.path for a in client.list_artifacts(pid)} >= {"results.csv", "results.md"}
+
+    # A re-run of the same command keeps the finished rows (resumable) and trains nothing again.
+    assert evaluate.main(["--dataset", "mnist", "--data-dir", str(mnist_dir), "--models", "gvae,vae,gan",
+                          "--seeds", "0", "--out", str(out), "--tracking-uri", uri, "--n-samples", "40", *TINY]) == 0
+    again = pd.read_csv(out / "results.csv")
+    assert list(again["run_id"]) == list(frame["run_id"])
+
+
+@pytest.mark.slow
+def test_ct_evaluation_scores_the_mask_with_fidelity_and_tstr(tmp_path):
+    """Phantom CT, split by case: mask share/shape/intensity, label fidelity and TSTR next to FD/KID."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = tmp_path / "eval"
+    code = evaluate.main(["--dataset", "ct", "--models", "gvae", "--seeds", "0", "--out", str(out),
+                          "--tracking-uri", uri, "--steps", "3", "--batch-size", "8", "--n-eval", "24",
+                          "--n-val", "8", "--n-memo", "200", "--iwae-k", "2", "--feature-steps", "5",
+                          "--n-samples", "48", "--seg-steps", "5", "--set", "data.phantom.cases=3",
+                          "--set", "data.phantom.size=64", "--set", "model.channels=[8,16,32]",
+                          "--set", "model.latent_dim=8", "--set", "train.num_samples=8",
+                          "--set", "train.sample_every=100", "--set", "train.checkpoint_every=100"])
+    assert code == 0
+    row = pd.read_csv(out / "results.csv").iloc[0]
+    for c in ("mask_share_fake", "mask_share_real", "tstr_dice", "real_dice", "fid_feature",
+              "kid_feature", "kid_feature_sd"):
+        assert math.isfinite(row[c]), c
+    # After 3 steps no sample carries a mask yet: label fidelity is then undefined (blank), never 0.
+    assert math.isfinite(row["fidelity_dice"]) or row["mask_share_fake"] == 0
+    assert 0 <= row["mask_share_fake"] <= 1 and row["n_samples"] == 48
+    # held-out slices drawn with the training draw's pancreas share (0.6); 24 of the 32 drawn are scored
+    assert abs(row["mask_share_real"] - 0.6) < 0.15, "held-out drawn like training"
 
 
 def _hand_made() -> pd.DataFrame:
@@ -91,3 +122,35 @@ def test_results_md_marks_best_with_mean_sd_and_n():
     assert line["vae"][ssim].strip().startswith("**0.7000") and line["gan"][ssim].strip() == ""
     assert "elbo_nats" not in mnist  # columns without any value are left out
     assert "↑" in md and "↓" in md and rows
+
+
+def test_mask_columns_of_real_slices_scored_as_samples_are_perfect():
+    """Held-out slices scored as if they were samples: same share, zero shape/intensity distance, the
+    segmenter's Dice on them as label fidelity; shuffled masks lower fidelity (the metric can fail)."""
+    import torch
+
+    from pancreas_gvae import segmentation as S
+    from pancreas_gvae.evaluation import EvalData, SegmentationRefs, mask_columns
+
+    g = torch.Generator().manual_seed(0)
+    n, size = 48, 32
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    centres = torch.randint(10, 22, (n, 2), generator=g)
+    mask = (((yy - centres[:, 0, None, None]) / 6.0) ** 2 + ((xx - centres[:, 1, None, None]) / 4.0) ** 2 < 1)
+    mask[: n // 4] = False  # some slices without pancreas
+    img = (torch.rand(n, size, size, generator=g) * 0.2 + 0.2 + 0.5 * mask).clamp(0, 1)
+    test = torch.stack([img, mask.float()], 1)
+    real = S.SliceSet(test[:, :1], test[:, 1:], ["real"] * n)
+    torch.set_num_threads(1)
+    segmenter, _ = S.train_unet(real, None, steps=60, batch_size=16, ratio=0.0, seed=0, lr=1e-2,
+                                channels=(8, 16, 32))
+    refs = SegmentationRefs(segmenter, real, real, steps=20, pixel_mm=1.0, real_dice=float("nan"))
+    data = EvalData("ct", test=test, val=test, memo_train=test, feature_fn=lambda x: x.flatten(1),
+                    feature_net="none", image_channels=slice(0, 1), mask_channels=1, segmentation=refs)
+    same = mask_columns(test, test, data, seed=0)
+    assert same["mask_share_fake"] == same["mask_share_real"] == 0.75
+    assert same["mask_shape_score"] == 0 and same["mask_intensity_w1"] == 0
+    assert same["fidelity_dice"] > 0.7 and math.isfinite(same["tstr_dice"])
+    shuffled = test.clone()
+    shuffled[:, 1] = test[torch.roll(torch.arange(n), 1), 1]
+    assert mask_columns(test, shuffled, data, seed=0)["fidelity_dice"] < same["fidelity_dice"] - 0.3
