@@ -137,6 +137,7 @@ class SliceSetConfig:
     patient_pattern: str = SLICE_SET_PATTERN  # without a manifest: group 1 of this regex on the stem = patient
     pixel_mm: float = 0.8  # assumed in-plane pixel size (mm): none is stored in such sets
     mask_values: list[int] | None = None  # null: any nonzero mask value is pancreas; else these values
+    rows_towards: str = "posterior"  # image rows run towards: posterior (radiological display) | anterior (flipped)
 
 
 @dataclass
@@ -223,6 +224,8 @@ def validate(cfg: DataConfig) -> None:
         px = float("nan")
     if not px > 0:
         raise PipelineError(f"slice_set.pixel_mm must be a positive number of mm, got {ss.pixel_mm!r}")
+    if ss.rows_towards not in ("posterior", "anterior"):
+        raise PipelineError(f"slice_set.rows_towards must be posterior or anterior, got {ss.rows_towards!r}")
     try:
         pattern = re.compile(str(ss.patient_pattern))
     except re.error as err:

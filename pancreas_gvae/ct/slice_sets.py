@@ -356,11 +356,13 @@ def read_slice_mask(path: Path, values: list[int] | None) -> np.ndarray:
     return np.isin(rounded, [int(v) for v in values]).astype(np.uint8)
 
 
-def slice_affine(pixel_mm: float) -> np.ndarray:
-    """(row, col, slice) -> RAS mm for a slice in radiological display: rows to posterior, columns to the patient's
-    left, slices to superior (nominal spacing)."""
+def slice_affine(pixel_mm: float, rows_towards: str = "posterior") -> np.ndarray:
+    """(row, col, slice) -> RAS mm: rows run towards ``rows_towards`` (radiological display: posterior; a set
+    published upside down, table at the top: anterior), columns to the patient's left, slices to superior
+    (nominal spacing). The store's reorientation then shows every set the same way up."""
     px = float(pixel_mm)
-    return np.array([[0.0, -px, 0.0, 0.0], [-px, 0.0, 0.0, 0.0], [0.0, 0.0, NOMINAL_SLICE_MM, 0.0],
+    row_y = -px if rows_towards == "posterior" else px
+    return np.array([[0.0, -px, 0.0, 0.0], [row_y, 0.0, 0.0, 0.0], [0.0, 0.0, NOMINAL_SLICE_MM, 0.0],
                      [0.0, 0.0, 0.0, 1.0]])
 
 
@@ -431,5 +433,5 @@ def read_slice_case(case, cfg: DataConfig, *, has_label: bool) -> SliceStack:
         empty = int(sum(not m.any() for m in kept_lab))
         if empty:
             out.notes.append(f"slices_without_pancreas: {empty} of {len(kept_lab)}")
-    out.affine = slice_affine(s.pixel_mm)
+    out.affine = slice_affine(s.pixel_mm, s.rows_towards)
     return out

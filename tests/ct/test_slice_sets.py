@@ -3,6 +3,8 @@ checks, cache and slice dataset as the volume layouts, bad slices dropped with n
 
 from __future__ import annotations
 
+import dataclasses
+
 import csv
 import os
 import time
@@ -278,7 +280,19 @@ def test_nih_yaml_matches_the_declared_settings():
     cfg = load_data_config(REPO / "configs" / "data" / "nih_slices.yaml")
     ii = cfg.preprocess.input_intensity
     assert (ii.kind, ii.window) == ("display", None) and cfg.sampling.context_slices == 0
-    assert cfg.slice_set == DataConfig().slice_set
+    assert cfg.slice_set == dataclasses.replace(DataConfig().slice_set, rows_towards="anterior")
+
+
+def test_rows_towards_anterior_turns_an_upside_down_set_the_right_way_up(tmp_path):
+    """A slice with a bright band at the top (row 0), declared upside down, is stored with the band at the bottom."""
+    from pancreas_gvae.ct.slice_sets import slice_affine
+    from transforms.cache import to_store_layout
+
+    vol = np.zeros((8, 8, 1), np.float32)
+    vol[0] = 1.0  # first image row
+    upright, _ = to_store_layout(vol, slice_affine(0.8, "posterior"))
+    flipped, _ = to_store_layout(vol, slice_affine(0.8, "anterior"))
+    assert upright[0, 0].sum() == 8 and flipped[0, -1].sum() == 8  # (S, P, L): row 0 = most anterior
 
 
 # ----------------------------------------------------------------------------- real data
