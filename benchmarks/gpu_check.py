@@ -48,7 +48,8 @@ PEAKS = [
 CPU_DEFAULTS = {"image_size": 32, "steps": 3, "batch_size": 2}
 CPU_MODEL = ["model.channels=[8,16]", "model.latent_dim=8"]
 CPU_TORCHRUN = ["data.phantom.cases=2", "data.phantom.size=64", "data.loader_workers=0", "data.nifti_samples=2",
-                "train.num_samples=4", "tracking.log_model=false", "tracking.system_metrics=false"]
+                "train.num_samples=4", "tracking.log_model=false", "tracking.system_metrics=false",
+                "data.monitor={n_samples: 16, n_real: 32, segmenter_steps: 3}"]
 
 
 class _Parser(argparse.ArgumentParser):

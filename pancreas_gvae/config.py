@@ -54,6 +54,7 @@ class LossConfig:
     vae_likelihood: str = "bernoulli"  # bernoulli | gaussian (VAE baseline and ELBO)
     gaussian_sigma: float = 0.1
     d_gate_loss: float | None = None  # skip D's update while its loss is below this
+    diffaugment: str = ""  # DiffAugment policies for D, e.g. "translation,cutout,color" (pancreas_gvae/diffaugment.py)
 
 
 @dataclass
@@ -127,6 +128,14 @@ class Config:
             raise PipelineError("model.mask_channels must be smaller than model.in_channels")
         if self.loss.adversarial not in ("nonsaturating", "hinge"):
             raise PipelineError(f"loss.adversarial must be nonsaturating or hinge, got {self.loss.adversarial!r}")
+        from pancreas_gvae.diffaugment import parse_policy
+
+        try:
+            parse_policy(self.loss.diffaugment)
+        except ValueError as err:
+            raise PipelineError(f"loss.diffaugment: {err}") from None
+        if self.loss.diffaugment and m.spatial_dims != 2:
+            raise PipelineError("loss.diffaugment is implemented for 2D models (model.spatial_dims 2)")
         if self.loss.vae_likelihood not in ("bernoulli", "gaussian"):
             raise PipelineError(f"loss.vae_likelihood must be bernoulli or gaussian, got {self.loss.vae_likelihood!r}")
 

@@ -32,6 +32,7 @@ from pancreas_gvae.ct.dicom_series import candidate_files, scan_dicom_files
 from pancreas_gvae.ct.discovery import CaseSource, discover, mark_missing_labels
 from pancreas_gvae.ct.manifest import MANIFEST_NAME, dims, redact, redacted_stderr, relative, to_frame, write_manifest
 from pancreas_gvae.ct.outlock import locked_output
+from pancreas_gvae.ct.slice_sets import file_stamp
 from pancreas_gvae.errors import DataError, PipelineError
 
 log = logging.getLogger(__name__)
@@ -50,11 +51,7 @@ def source_fingerprint(case: CaseSource) -> str:
         paths.append(case.label)
     h = hashlib.sha256()
     for p in paths:
-        try:
-            st = p.stat()
-            h.update(f"{p.name}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-        except OSError:
-            h.update(f"{p.name}|missing\n".encode())
+        h.update(file_stamp(p))
     return h.hexdigest()[:16]
 
 

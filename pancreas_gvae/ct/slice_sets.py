@@ -278,12 +278,17 @@ def slice_fingerprint(case) -> str:
             if p is None:
                 h.update(b"-\n")
                 continue
-            try:
-                st = p.stat()
-                h.update(f"{p.name}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-            except OSError:
-                h.update(f"{p.name}|missing\n".encode())
+            h.update(file_stamp(p))
     return h.hexdigest()[:16]
+
+
+def file_stamp(path: Path) -> bytes:
+    """Name, size and mtime of a file (``missing`` when it cannot be read), a line of a source fingerprint."""
+    try:
+        st = path.stat()
+        return f"{path.name}|{st.st_size}|{st.st_mtime_ns}\n".encode()
+    except OSError:
+        return f"{path.name}|missing\n".encode()
 
 
 # ----------------------------------------------------------------------------- reading

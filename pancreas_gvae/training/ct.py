@@ -118,14 +118,17 @@ class MaskMonitor:
     intensity under the mask: :func:`pancreas_gvae.metrics.mask_scores`) and ``fidelity/...`` (a UNet
     trained once, at the start, on real slices of the cohort predicts on the samples; Dice against their
     masks: :func:`pancreas_gvae.segmentation.label_fidelity`). The samples come from fixed codes, so the
-    curves compare like with like from step to step. ``evaluate.py`` gives the held-out-patient figures.
+    curves compare like with like from step to step. With ``tstr_steps`` > 0 it also trains a UNet on the
+    samples alone at every sampling step and scores it on the cohort's real slices (``tstr/...``): costly,
+    and on patients the generator trained on, so off by default; ``evaluate.py`` gives the held-out-patient
+    figures (TSTR included).
     """
 
     def __init__(self, real: torch.Tensor, *, latent_dim: int, n_samples: int, seed: int, pixel_mm: float | None,
-                 segmenter: torch.nn.Module | None = None):
+                 segmenter: torch.nn.Module | None = None, tstr_steps: int = 0):
         self.real_img, self.real_mask = real[:, :1], (real[:, -1:] > 0.5).float()
         self.latent_dim, self.n_samples, self.seed = latent_dim, n_samples, seed
-        self.pixel_mm, self.segmenter = pixel_mm, segmenter
+        self.pixel_mm, self.segmenter, self.tstr_steps = pixel_mm, segmenter, tstr_steps
 
     @torch.no_grad()
     def __call__(self, trainer) -> dict[str, float]:
@@ -141,16 +144,21 @@ class MaskMonitor:
         if self.segmenter is not None:
             synthetic = S.SliceSet(fake_img, fake_mask, ["synthetic"] * len(samples))
             scores.update(S.label_fidelity(self.segmenter, synthetic, pixel_mm=self.pixel_mm or 1.0))
+            if self.tstr_steps > 0:
+                real = S.SliceSet(self.real_img, self.real_mask, [])
+                scores.update(S.tstr(synthetic, real, real, steps=self.tstr_steps, batch_size=16, seed=self.seed,
+                                     pixel_mm=self.pixel_mm or 1.0, real_model=self.segmenter))
         return {k: float(v) for k, v in scores.items() if math.isfinite(float(v))}
 
 
 def mask_monitor(prepared: Path, manifest: pd.DataFrame, data: DataConfig, cfg: Config) -> MaskMonitor:
-    """The monitor of a CT run (``data.monitor``: ``n_samples`` 256, ``n_real`` 512, ``segmenter_steps`` 200)."""
+    """The monitor of a CT run (``data.monitor``: ``n_samples`` 256, ``n_real`` 512, ``segmenter_steps`` 200,
+    ``tstr_steps`` 0)."""
     from pancreas_gvae import segmentation as S
     from pancreas_gvae.ct.config import slice_spacing_mm
 
     opts = dict(cfg.data.get("monitor", {}) or {})
-    unknown = set(opts) - {"n_samples", "n_real", "segmenter_steps"}
+    unknown = set(opts) - {"n_samples", "n_real", "segmenter_steps", "tstr_steps"}
     if unknown:
         raise PipelineError(f"unknown key(s) under data.monitor: {', '.join(sorted(unknown))}")
     ds = CTSliceDataset.from_config(prepared, data, manifest, seed=cfg.train.seed + 3)
@@ -164,7 +172,8 @@ def mask_monitor(prepared: Path, manifest: pd.DataFrame, data: DataConfig, cfg: 
         labelled = S.SliceSet(real[:, :1].contiguous(), (real[:, -1:] > 0.5).float(), [])
         segmenter, _ = S.train_unet(labelled, None, steps=steps, batch_size=16, ratio=0.0, seed=cfg.train.seed)
     return MaskMonitor(real, latent_dim=cfg.model.latent_dim, n_samples=int(opts.get("n_samples", 256)),
-                       seed=cfg.train.seed + 11, pixel_mm=pixel_mm, segmenter=segmenter)
+                       seed=cfg.train.seed + 11, pixel_mm=pixel_mm, segmenter=segmenter,
+                       tstr_steps=int(opts.get("tstr_steps", 0)) if segmenter is not None else 0)
 
 
 def draw_like_training(ds, n: int, pos_fraction: float | None, seed: int) -> tuple[np.ndarray, str]:

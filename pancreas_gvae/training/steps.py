@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from pancreas_gvae import losses as L
+from pancreas_gvae.diffaugment import diff_augment
 from pancreas_gvae.models.gvae import reparameterize
 from pancreas_gvae.training import distributed
 
@@ -60,15 +61,21 @@ def _with_own_masks(tr: "Trainer", x: torch.Tensor, x_rec: torch.Tensor, has_lab
     return torch.cat([x[:, :-k], masks], dim=1)
 
 
+def _aug(tr: "Trainer", x: torch.Tensor) -> torch.Tensor:
+    """What D's adversarial judgement sees: ``x`` through DiffAugment (``loss.diffaugment``; identity if empty)."""
+    m = tr.cfg.model
+    return diff_augment(x, tr.diffaugment, tr.noise, image_channels=m.in_channels - m.mask_channels)
+
+
 def _d_update(tr: "Trainer", x: torch.Tensor, fakes: list[torch.Tensor], logs: dict,
               real_weight: torch.Tensor | None = None) -> None:
     lc = tr.cfg.loss
     D = tr.model.discriminator
     _set_requires_grad(D, True)
-    real = x.detach().requires_grad_(lc.r1_gamma > 0)
+    real = _aug(tr, x.detach()).detach().requires_grad_(lc.r1_gamma > 0)  # R1 on what D sees (as in ADA)
     with tr.autocast():
         _, real_logit = D(real)
-        fake_logits = [D(f.detach())[1] for f in fakes]
+        fake_logits = [D(_aug(tr, f.detach()))[1] for f in fakes]
         loss_d = L.d_adversarial(real_logit, fake_logits, lc.adversarial, real_weight)
     if lc.r1_gamma > 0:
         loss_d = loss_d + 0.5 * lc.r1_gamma * L.r1_penalty(real_logit.float(), real)
@@ -106,8 +113,12 @@ def gvae_step(tr: "Trainer", x: torch.Tensor,
 
     with tr.autocast():
         feat_real, _ = D(x_real)
-        feat_rec, logit_rec = D(x_rec)
-        _, logit_prior = D(x_prior)
+        if tr.diffaugment:  # features for the reconstruction loss from the images themselves
+            feat_rec, _ = D(x_rec)
+            _, logit_rec = D(_aug(tr, x_rec))
+        else:
+            feat_rec, logit_rec = D(x_rec)
+        _, logit_prior = D(_aug(tr, x_prior))
         recon_terms = _image_recon(tr, rec_logits, x_rec, x, has_label)
         recon_terms["recon/feature"] = lc.feature_recon * F.mse_loss(feat_rec.float(), feat_real.detach().float())
         recon = torch.stack(list(recon_terms.values())).sum()
@@ -168,7 +179,7 @@ def gan_step(tr: "Trainer", x: torch.Tensor,
         fake = torch.sigmoid(G(z))
     _d_update(tr, x, [fake], logs, real_weight=has_label if tr.cfg.model.mask_channels else None)
     with tr.autocast():
-        _, logit = D(fake)
+        _, logit = D(_aug(tr, fake))
         loss_g = L.g_adversarial([logit], lc.adversarial)
     tr.check_finite({"loss/g": loss_g})
     params = list(G.parameters())

@@ -18,6 +18,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel
 
 from pancreas_gvae.config import Config
+from pancreas_gvae.diffaugment import parse_policy
 from pancreas_gvae.errors import TrainingDiverged
 from pancreas_gvae.models.gvae import GenerativeModel
 from pancreas_gvae.training import distributed
@@ -74,6 +75,7 @@ class Trainer:
         self.precision = self._resolve_precision(tc.precision)
         self.step = 0
         self._step_fn = STEPS[cfg.model.kind]
+        self.diffaugment = parse_policy(cfg.loss.diffaugment)  # D's differentiable augmentation (steps._aug)
         self.grad_norms: dict[str, torch.Tensor] = {}
         # Per loss name: (first non-finite step or -1, its value), kept on the device.
         self._nonfinite: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}

@@ -27,7 +27,8 @@ EXPECTED = {"01_data_review.ipynb": ["PANCREAS_0004", "missing_label"], "02_synt
 EXPERIMENT = "pancreas-gvae-ct"
 TINY = ["--set", "data.phantom.size=64", "--batch-size", "8", "--set", "model.channels=[8,16,32]",
         "--set", "model.latent_dim=8", "--set", "train.log_every=1", "--set", "train.sample_every=1",
-        "--set", "train.checkpoint_every=2", "--set", "data.nifti_samples=4", "--set", "train.num_samples=8",
+        "--set", "train.checkpoint_every=2", "--set", "data.nifti_samples=4",
+        "--set", "data.monitor={n_samples: 16, n_real: 32, segmenter_steps: 3}", "--set", "train.num_samples=8",
         "--set", "tracking.system_metrics=false", "--set", "tracking.log_model=false"]
 
 

@@ -21,7 +21,8 @@ REPO = Path(__file__).resolve().parents[2]
 TINY = ["--set", "data.phantom.cases=3", "--set", "data.phantom.size=64", "--batch-size", "8",
         "--set", "model.channels=[8,16,32]", "--set", "model.latent_dim=8", "--set", "train.log_every=1",
         "--set", "train.sample_every=2", "--set", "train.checkpoint_every=2", "--set", "data.nifti_samples=2",
-        "--set", "train.num_samples=8", "--set", "tracking.system_metrics=false"]
+        "--set", "train.num_samples=8", "--set", "tracking.system_metrics=false",
+        "--set", "data.monitor={n_samples: 16, n_real: 32, segmenter_steps: 3}"]
 
 
 def _argv(tmp_path: Path, *extra: str) -> list[str]:
@@ -41,6 +42,9 @@ def test_default_job_logs_grids_nifti_model_and_manifest(tmp_path):
     assert run.info.run_name == "gvae-ct" and run.info.status == "FINISHED"
     assert run.data.params["model.in_channels"] == "2"
     assert len(client.get_metric_history(run.info.run_id, "recon/mask")) == 4
+    # mask scores and label fidelity of the prior samples at every sampling step (2 and 4)
+    for key in ("mask/share_fake", "mask/share_real", "mask/n_fake", "fidelity/n_synthetic"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [2, 4], key
     images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
     assert any("samples+step+4" in p for p in images) and any("reconstructions+step+4" in p for p in images)
     nifti = sorted(a.path for a in client.list_artifacts(run.info.run_id, "synthetic_nifti"))

@@ -53,7 +53,8 @@ VARIANTS = ["Doe, Jane", "Jane Doe", "Doe Jane", "Fakeref", "1960-01-01", "01-01
 
 TINY = ["--batch-size", "8", "--set", "model.channels=[8,16,32]", "--set", "model.latent_dim=8",
         "--set", "train.log_every=1", "--set", "train.sample_every=2", "--set", "train.checkpoint_every=2",
-        "--set", "data.nifti_samples=2", "--set", "train.num_samples=4", "--set", "tracking.system_metrics=false"]
+        "--set", "data.nifti_samples=2",
+        "--set", "data.monitor={n_samples: 16, n_real: 32, segmenter_steps: 3}", "--set", "train.num_samples=4", "--set", "tracking.system_metrics=false"]
 
 
 def _rewrite_with_fake_identifiers(cohort: Path) -> list[str]:

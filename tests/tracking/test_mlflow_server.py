@@ -32,6 +32,7 @@ from pipelines import train_ct
 TINY = ["--set", "data.phantom.cases=3", "--set", "data.phantom.size=64", "--batch-size", "8",
         "--set", "model.channels=[8,16,32]", "--set", "model.latent_dim=8", "--set", "train.log_every=1",
         "--set", "train.sample_every=2", "--set", "train.checkpoint_every=2", "--set", "data.nifti_samples=2",
+        "--set", "data.monitor={n_samples: 16, n_real: 32, segmenter_steps: 3}",
         "--set", "train.num_samples=8", "--set", "tracking.system_metrics=false"]
 EXPERIMENT = "pancreas-gvae-ct"
 MODEL_NAME = "pgvae-test-generator"

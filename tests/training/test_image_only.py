@@ -86,7 +86,8 @@ def test_train_ct_runs_a_cohort_mixing_labelled_and_image_only_cases(tmp_path):
     argv = ["--data-root", str(root), "--out", str(tmp_path / "out"), "--tracking-uri",
             f"sqlite:///{tmp_path / 'mlflow.db'}", "--steps", "2", "--batch-size", "8",
             "--set", "model.channels=[8,16,32]", "--set", "model.latent_dim=8", "--set", "train.log_every=1",
-            "--set", "data.nifti_samples=2", "--set", "train.num_samples=8", "--set", "tracking.log_model=false",
+            "--set", "data.nifti_samples=2",
+            "--set", "data.monitor={n_samples: 16, n_real: 32, segmenter_steps: 3}", "--set", "train.num_samples=8", "--set", "tracking.log_model=false",
             "--set", "tracking.system_metrics=false", "--set", "data.ct.labels.require_label=false"]
     assert train_ct.main(argv) == 0
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
