@@ -186,6 +186,9 @@ def geometry(config: Config):
         spacing = (1.0, 1.0)
         notes += ("pixel size unknown (fit crop without preprocess.spacing): 1 mm written",)
     lo, hi = (float(v) for v in (geo.window or data.preprocess.hu_window))
+    if geo.window is None:
+        notes += (f"HU are NOMINAL: [0, 1] mapped to data.ct.preprocess.hu_window [{lo:g}, {hi:g}] only so that "
+                  "the exports and the plausibility filter have units; the training data had no known window",)
     return data, Geometry(spacing, (lo, hi), int(config.model.image_size), notes)
 
 

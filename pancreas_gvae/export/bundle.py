@@ -122,13 +122,19 @@ def infer_geometry(config: Config) -> Geometry:
     from pancreas_gvae.training.ct import data_config
 
     data = data_config(config)
-    lo, hi = (float(v) for v in data.preprocess.hu_window)
-    notes = [f"window [{lo:g}, {hi:g}] HU from data.ct.preprocess.hu_window"]
+    window: tuple[float, float] | None
+    if data.preprocess.input_intensity.true_hu:
+        window = tuple(float(v) for v in data.preprocess.hu_window)
+        notes = [f"window [{window[0]:g}, {window[1]:g}] HU from data.ct.preprocess.hu_window"]
+    else:  # e.g. 8-bit slices of an unstated window: there is no HU to map back to
+        window = None
+        notes = ["no HU window: the training data were display values of an unknown window "
+                 "(data.ct.preprocess.input_intensity); the CT channel stays in [0, 1]"]
     spacing = slice_spacing_mm(data) if config.model.spatial_dims == 2 else None
     if spacing is not None:
         notes.append(f"spacing {spacing[0]:g} x {spacing[1]:g} mm from data.ct.sampling.fov_mm / slice_size "
                      "(fit = resize) or data.ct.preprocess.spacing (fit = crop)")
-    return Geometry(spacing, (lo, hi), tuple(notes))
+    return Geometry(spacing, window, tuple(notes))
 
 
 def export_bundle(generator: torch.nn.Module, config: Config, out_dir: str | Path, *,

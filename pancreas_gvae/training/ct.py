@@ -218,9 +218,10 @@ def log_ct_artifacts(trainer, tracker, out_dir: Path, *, data: DataConfig, manif
     samples = generate(trainer.ema_generator, n_nifti, latent_dim=cfg.model.latent_dim, seed=cfg.train.seed + 1,
                        device=trainer.device)
     slices = split_ct_and_mask(samples, mask_channels=cfg.model.mask_channels)
-    slices = dataclasses.replace(slices, ct=window_to_hu(slices.ct, data.preprocess.hu_window))
-    nifti_dir = out_dir / "synthetic_nifti"
     geometry = infer_geometry(cfg)
+    if geometry.window is not None:  # else display values of an unknown window: kept in [0, 1]
+        slices = dataclasses.replace(slices, ct=window_to_hu(slices.ct, geometry.window))
+    nifti_dir = out_dir / "synthetic_nifti"
     save_nifti_slices(slices, nifti_dir, pixel_mm=geometry.spacing[0] if geometry.spacing else 1.0)
     tracker.log_artifacts(nifti_dir, artifact_path="synthetic_nifti")
     bundle = export_bundle(trainer.ema_generator, cfg, out_dir / "bundle", spacing=geometry.spacing,

@@ -265,3 +265,12 @@ def test_3d_model_with_context_channels_saves_the_centre_ct_channel_and_the_mask
     probs = _expected(gen, 1, seed=5)[0]
     np.testing.assert_allclose(image, probs[1].numpy(), atol=1e-5)  # channels: CT-1, CT, CT+1, mask
     assert set(np.unique(mask)) <= {0, 1}
+
+
+def test_display_values_of_an_unknown_window_are_not_exported_as_hu():
+    """NIH 2D slices (8-bit, window unstated): no HU window to map back to; a known window still gives one."""
+    configs = Path(__file__).resolve().parents[2] / "configs"
+    geo = infer_geometry(load_config(configs / "ct_nih2d.yaml"))
+    assert geo.window is None and "unknown window" in " ".join(geo.notes)
+    assert geo.spacing == (200.0 / 64, 200.0 / 64)
+    assert infer_geometry(load_config(configs / "ct_64.yaml")).window == (-125.0, 275.0)
