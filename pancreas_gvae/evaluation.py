@@ -80,7 +80,7 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("memo_near_copy_frac", False, "near-copy fraction"),
     MetricSpec("memo_median_nn_ratio", True, "median NN-distance ratio"),
     MetricSpec("kid_feature_sd", False, "KID sd over subsets"),
-    MetricSpec("mask_share_fake", True, "share of samples with a mask"),
+    MetricSpec("mask_share_gap", False, "|share of samples with a mask - real share|"),
     MetricSpec("mask_shape_score", False, "mask shape distance (mean of normalised W1)"),
     MetricSpec("mask_intensity_w1", False, "intensity under mask, W1"),
     MetricSpec("fidelity_dice", True, "label fidelity Dice"),
@@ -88,11 +88,11 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("tstr_ratio", True, "TSTR / real-trained Dice"),
 )
 # Filled from pancreas_gvae.metrics.masks / segmentation results (their keys -> our columns).
-MASK_COLUMNS = {"mask/share_fake": "mask_share_fake", "mask/shape_score": "mask_shape_score",
-                "mask/intensity_w1": "mask_intensity_w1"}
+MASK_COLUMNS = {"mask/shape_score": "mask_shape_score", "mask/intensity_w1": "mask_intensity_w1"}
 METRIC_COLUMNS = [m.column for m in METRICS]
 ID_COLUMNS = ["dataset", "model", "seed"]
-INFO_COLUMNS = ["steps", "batch_size", "n_eval", "n_samples", "mask_share_real", "real_dice", "iwae_k",
+INFO_COLUMNS = ["steps", "batch_size", "n_eval", "n_samples", "mask_share_fake", "mask_share_real", "real_dice",
+                "iwae_k",
                 "likelihood", "recon_units",
                 "feature_net", "run_id", "train_seconds", "eval_seconds"]
 COLUMNS = ID_COLUMNS + METRIC_COLUMNS + INFO_COLUMNS
@@ -226,6 +226,7 @@ def mask_columns(test: torch.Tensor, samples: torch.Tensor, data: EvalData, *, s
     fake_img, fake_mask = samples[:, :1], (samples[:, -k:][:, :1] > 0.5).float()
     scores = M.mask_scores(real_img, real_mask, fake_img, fake_mask)
     out = {col: scores.get(key, math.nan) for key, col in MASK_COLUMNS.items()}
+    out["mask_share_fake"] = scores.get("mask/share_fake", math.nan)
     out["mask_share_real"] = scores.get("mask/share_real", math.nan)
     refs = data.segmentation
     if refs is not None:
@@ -244,6 +245,8 @@ def mask_columns(test: torch.Tensor, samples: torch.Tensor, data: EvalData, *, s
 def results_frame(rows: list[dict]) -> pd.DataFrame:
     """Rows as a frame with every column of :data:`COLUMNS` (missing metrics NaN)."""
     frame = pd.DataFrame(rows)
+    if {"mask_share_fake", "mask_share_real"} <= set(frame.columns):  # the gap is derived, never stored alone
+        frame["mask_share_gap"] = (frame["mask_share_fake"] - frame["mask_share_real"]).abs()
     for c in COLUMNS:
         if c not in frame.columns:
             frame[c] = math.nan

@@ -81,6 +81,7 @@ def test_ct_evaluation_scores_the_mask_with_fidelity_and_tstr(tmp_path):
     # After 3 steps no sample carries a mask yet: label fidelity is then undefined (blank), never 0.
     assert math.isfinite(row["fidelity_dice"]) or row["mask_share_fake"] == 0
     assert 0 <= row["mask_share_fake"] <= 1 and row["n_samples"] == 48
+    assert row["mask_share_gap"] == pytest.approx(abs(row["mask_share_fake"] - row["mask_share_real"]))
     # held-out slices drawn with the training draw's pancreas share (0.6); 24 of the 32 drawn are scored
     assert abs(row["mask_share_real"] - 0.6) < 0.15, "held-out drawn like training"
 
