@@ -131,6 +131,11 @@ class EvalData:
     segmentation: SegmentationRefs | None = None
     notes: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def sample_count(self) -> int:
+        """Prior samples drawn per model: ``n_samples``, at least as many as test images."""
+        return max(self.n_samples, self.test.shape[0])
+
     def img(self, x: torch.Tensor) -> torch.Tensor:
         return x[:, self.image_channels]
 
@@ -162,7 +167,7 @@ def evaluate_model(model, ema_generator: torch.nn.Module, data: EvalData, *, lat
     """All metric columns for one trained model (NaN where a metric does not apply)."""
     row = {c: math.nan for c in METRIC_COLUMNS}
     test, n = data.test, data.test.shape[0]
-    n_fake = max(data.n_samples, n)
+    n_fake = data.sample_count
     samples = generate_samples(ema_generator, n_fake, latent_dim, seed=seed, device=device)
     ti, si = data.img(test), data.img(samples)
 

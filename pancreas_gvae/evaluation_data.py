@@ -130,11 +130,10 @@ def ct_eval_data(args, cfg):
           f"held-out slices, {share_note}; feature net {feature_net}"
           + (f"; segmenter {seg_steps} steps, real held-out Dice {segmentation.real_dice:.3f}" if segmentation else "")
           + f" ({time.perf_counter() - t0:.0f} s)")
-    n_samples = max(int(getattr(args, "n_samples", 0) or 0), n_eval)
     data = EvalData("ct" if args.data_root else "ct-phantom", test=test, val=val, memo_train=train_slices,
                     feature_fn=ae.features, feature_net=feature_net, image_channels=slice(0, 1),
                     window=tuple(data_cfg.preprocess.hu_window), likelihood="gaussian",
-                    sigma=float(cfg.loss.gaussian_sigma), n_samples=n_samples,
+                    sigma=float(cfg.loss.gaussian_sigma), n_samples=int(getattr(args, "n_samples", 0) or 0),
                     mask_channels=int(cfg.model.mask_channels), segmentation=segmentation,
                     notes={"held_out": split_note, "held_out_draw": share_note,
                            "train_cases": str(len(train_cases)),

@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     parent_id = parent.info.run_id
     params = {"dataset": data.dataset, "models": ",".join(models), "seeds": ",".join(map(str, seeds)),
               "steps": args.steps, "batch_size": base_cfg.train.batch_size, "config": str(config),
-              "n_eval": len(data.test), "n_val": len(data.val), "n_samples": max(data.n_samples, len(data.test)),
+              "n_eval": len(data.test), "n_val": len(data.val), "n_samples": data.sample_count,
               "iwae_k": args.iwae_k,
               "feature_net": data.feature_net, "likelihood": data.likelihood, **data.notes}
     for k, v in params.items():
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
                                          device=res.trainer.device)
                 row = {"dataset": data.dataset, "model": model, "seed": seed, **metrics,
                        "steps": cfg.train.steps, "batch_size": cfg.train.batch_size, "n_eval": len(data.test),
-                       "n_samples": max(data.n_samples, len(data.test)),
+                       "n_samples": data.sample_count,
                        "iwae_k": args.iwae_k if model != "gan" else math.nan,
                        "likelihood": (f"{data.likelihood} (binarised)" if data.likelihood == "bernoulli"
                                       else f"gaussian sigma={data.sigma}"),

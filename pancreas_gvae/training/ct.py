@@ -26,9 +26,9 @@ from pancreas_gvae.viz import image_grid, save_png
 from transforms.slice_dataset import CTSliceDataset
 
 # Manifest columns that may leave the preparation folder: no case ids, no paths.
-SHAREABLE_COLUMNS = ["layout", "status", "reason", "has_label", "input_intensity", "shape", "spacing", "slice_thickness", "slice_interval",
-                     "n_slices", "vendor", "hu_min", "hu_max", "label_voxels", "label_median_hu",
-                     "pancreas_slice_count", "cache_shape", "cache_spacing"]
+SHAREABLE_COLUMNS = ["layout", "status", "reason", "has_label", "input_intensity", "shape", "spacing",
+                     "slice_thickness", "slice_interval", "n_slices", "vendor", "hu_min", "hu_max", "label_voxels",
+                     "label_median_hu", "pancreas_slice_count", "cache_shape", "cache_spacing"]
 
 
 def data_config(cfg: Config) -> DataConfig:
@@ -166,14 +166,15 @@ def mask_monitor(prepared: Path, manifest: pd.DataFrame, data: DataConfig, cfg: 
     real = slices_at(ds, rows)
     spacing = slice_spacing_mm(data)
     pixel_mm = spacing[0] if spacing is not None else None
-    segmenter = None
+    monitor = MaskMonitor(real, latent_dim=cfg.model.latent_dim, n_samples=int(opts.get("n_samples", 256)),
+                          seed=cfg.train.seed + 11, pixel_mm=pixel_mm)
     steps = int(opts.get("segmenter_steps", 200))
     if steps > 0 and distributed.is_main_process():
-        labelled = S.SliceSet(real[:, :1].contiguous(), (real[:, -1:] > 0.5).float(), [])
-        segmenter, _ = S.train_unet(labelled, None, steps=steps, batch_size=16, ratio=0.0, seed=cfg.train.seed)
-    return MaskMonitor(real, latent_dim=cfg.model.latent_dim, n_samples=int(opts.get("n_samples", 256)),
-                       seed=cfg.train.seed + 11, pixel_mm=pixel_mm, segmenter=segmenter,
-                       tstr_steps=int(opts.get("tstr_steps", 0)) if segmenter is not None else 0)
+        labelled = S.SliceSet(monitor.real_img.contiguous(), monitor.real_mask, [])
+        monitor.segmenter, _ = S.train_unet(labelled, None, steps=steps, batch_size=16, ratio=0.0,
+                                            seed=cfg.train.seed)
+        monitor.tstr_steps = int(opts.get("tstr_steps", 0))
+    return monitor
 
 
 def draw_like_training(ds, n: int, pos_fraction: float | None, seed: int) -> tuple[np.ndarray, str]:

@@ -73,6 +73,7 @@ class Trainer:
         # reads ``n_averaged`` on the host every step (a device sync on a GPU).
         self.ema = AveragedModel(model.generator, use_buffers=False)
         self._ema_count = 0  # host copy of ema.n_averaged
+        self._ema_has_norm_stats = _has_norm_stats(self.ema.module)  # fixed by the architecture
         # Model noise (eps, z_p) comes from its own generator, seeded per rank, saved in checkpoints.
         self.noise = torch.Generator(device=device).manual_seed(tc.seed * 1009 + distributed.rank())
         self.precision = self._resolve_precision(tc.precision)
@@ -170,7 +171,7 @@ class Trainer:
         self.ema.n_averaged += 1
         self._ema_count += 1
         ema = self.ema.module
-        if _has_norm_stats(ema):
+        if self._ema_has_norm_stats:
             ema.train()
             # Up to EMA_STAT_CODES codes, shared between posterior and prior: a whole-batch forward cost a
             # third of a CPU step; the momentum average over steps makes up for the smaller batch.
