@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, NamedTuple
 
 import numpy as np
@@ -94,7 +95,7 @@ ID_COLUMNS = ["dataset", "model", "seed"]
 INFO_COLUMNS = ["steps", "batch_size", "n_eval", "n_samples", "mask_share_fake", "mask_share_real", "real_dice",
                 "iwae_k",
                 "likelihood", "recon_units",
-                "feature_net", "run_id", "train_seconds", "eval_seconds"]
+                "feature_net", "run_id", "train_seconds", "train_seconds_cum", "eval_seconds"]
 COLUMNS = ID_COLUMNS + METRIC_COLUMNS + INFO_COLUMNS
 
 
@@ -108,6 +109,7 @@ class SegmentationRefs:
     steps: int
     pixel_mm: float
     real_dice: float  # the segmenter's Dice on real_test: TSTR's reference
+    augment: bool = False  # segmentation.ClassicAugmentation in the segmenter's and TSTR's training
 
 
 @dataclass
@@ -238,7 +240,7 @@ def mask_columns(test: torch.Tensor, samples: torch.Tensor, data: EvalData, *, s
         synthetic = S.SliceSet(fake_img.contiguous(), fake_mask.contiguous(), ["synthetic"] * len(samples))
         out["fidelity_dice"] = S.label_fidelity(refs.segmenter, synthetic, pixel_mm=refs.pixel_mm)["fidelity/dice"]
         tstr = S.tstr(synthetic, refs.real_train, refs.real_test, steps=refs.steps, batch_size=16, seed=seed,
-                      pixel_mm=refs.pixel_mm, real_model=refs.segmenter)
+                      pixel_mm=refs.pixel_mm, real_model=refs.segmenter, augment=refs.augment)
         out["tstr_dice"], out["tstr_ratio"] = tstr["tstr/dice_synthetic"], tstr["tstr/ratio"]
         out["real_dice"] = refs.real_dice
     return out
@@ -260,8 +262,14 @@ def results_frame(rows: list[dict]) -> pd.DataFrame:
 
 
 def summarise(frame: pd.DataFrame) -> pd.DataFrame:
-    """Mean, sd and n per (dataset, model) for every metric column; NaN cells are not counted."""
+    """Mean, sd and n per (dataset, model) for every metric column; NaN cells are not counted. Rows of
+    several training budgets (a ``steps`` column with more than one value) are summarised per budget, the
+    budget named in ``dataset`` ("mnist, 2000 steps"), so every table compares models at equal steps."""
     out = []
+    frame = frame.copy()
+    if "steps" in frame.columns and frame["steps"].nunique() > 1:
+        frame["dataset"] = [f"{d}, {int(n)} steps" for d, n in zip(frame["dataset"], frame["steps"])]
+        frame = frame.sort_values(["dataset"], kind="stable", key=lambda c: c.map(_budget_order(frame)))
     for (dataset, model), g in frame.groupby(["dataset", "model"], sort=False):
         rec = {"dataset": dataset, "model": model, "seeds": len(g)}
         for c in METRIC_COLUMNS:
@@ -271,6 +279,12 @@ def summarise(frame: pd.DataFrame) -> pd.DataFrame:
             rec[f"{c}:n"] = int(len(v))
         out.append(rec)
     return pd.DataFrame(out)
+
+
+def _budget_order(frame: pd.DataFrame) -> dict[str, tuple]:
+    """Sort key of the per-budget table names: by dataset (first seen first), then by steps."""
+    first = {d: i for i, d in enumerate(dict.fromkeys(n.rsplit(", ", 1)[0] for n in frame["dataset"]))}
+    return {n: (first[n.rsplit(", ", 1)[0]], int(n.rsplit(", ", 1)[1].split()[0])) for n in frame["dataset"]}
 
 
 def best_per_column(summary: pd.DataFrame) -> dict[tuple[str, str], set[str]]:
@@ -331,3 +345,27 @@ def render_markdown(frame: pd.DataFrame, *, title: str = "Results", notes: list[
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def plot_curves(curves: dict[str, tuple[list[float], list[float]]], path: str | Path, *, xlabel: str, ylabel: str,
+                title: str = "") -> Path:
+    """One line per entry of ``curves`` (label -> (x, y)): a learning curve as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for label, (x, y) in curves.items():
+        ax.plot(x, y, marker="o", markersize=3, label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

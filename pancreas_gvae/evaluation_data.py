@@ -57,7 +57,8 @@ def split_sizes(args, available: int) -> tuple[int, int]:
     return n_eval, n_val
 
 
-def _prepare_cohort(ct, root, prepared, data_cfg, *, labels, layout, pancreas_label) -> tuple[object, list[str]]:
+def prepare_cohort(ct, root, prepared, data_cfg, *, labels, layout, pancreas_label) -> tuple[object, list[str]]:
+    """Prepare (or reuse) a cohort's store; returns its manifest and the sorted ids of its ok cases."""
     manifest = ct.prepare(root, prepared, data_cfg, labels=labels, layout=layout, pancreas_label=pancreas_label,
                           workers=1)
     return manifest, sorted(manifest.loc[manifest["status"] == "ok", "case_id"].astype(str))
@@ -71,6 +72,7 @@ def ct_eval_data(args, cfg):
     slices only.
     """
     from pancreas_gvae import segmentation as S
+    from pancreas_gvae.ct.config import fit_options
     from pancreas_gvae.training import ct
     from transforms.slice_dataset import CTSliceDataset
 
@@ -80,12 +82,12 @@ def ct_eval_data(args, cfg):
     if args.data_root is None:
         ct.ensure_phantom(data_root, cfg.data.get("phantom", {}))
     prepared = args.out / "prepared"
-    manifest, cases = _prepare_cohort(ct, data_root, prepared, data_cfg, labels=args.labels, layout=args.layout,
+    manifest, cases = prepare_cohort(ct, data_root, prepared, data_cfg, labels=args.labels, layout=args.layout,
                                       pancreas_label=args.pancreas_label)
     external = getattr(args, "test_data_root", None)
     if external is not None:
         test_prepared = args.out / "prepared-test"
-        man_test, test_cases = _prepare_cohort(ct, external, test_prepared, data_cfg, labels=args.test_labels,
+        man_test, test_cases = prepare_cohort(ct, external, test_prepared, data_cfg, labels=args.test_labels,
                                                layout=args.test_layout, pancreas_label=args.test_pancreas_label)
         if not cases or not test_cases:
             raise PipelineError(f"no usable case in the {'training' if not cases else 'test'} cohort")
@@ -117,18 +119,20 @@ def ct_eval_data(args, cfg):
     segmentation = None
     seg_steps = int(getattr(args, "seg_steps", 0) or 0)
     if seg_steps > 0:
-        s = data_cfg.sampling
-        real_train = S.load_slices(prepared, man_train, train_cases, size=s.slice_size, fit=s.fit, fov_mm=s.fov_mm)
-        real_test = S.load_slices(test_prepared, man_test, test_cases, size=s.slice_size, fit=s.fit,
-                                  fov_mm=s.fov_mm)
+        fit, size = fit_options(data_cfg), data_cfg.sampling.slice_size
+        real_train = S.load_slices(prepared, man_train, train_cases, size=size, **fit)
+        real_test = S.load_slices(test_prepared, man_test, test_cases, size=size, **fit)
         # The recipe of segmentation.tstr's real arm (batch 16, its pancreas oversampling), trained once.
-        segmenter, _ = S.train_unet(real_train, None, steps=seg_steps, batch_size=16, ratio=0.0, seed=0)
+        augment = bool(getattr(args, "seg_augment", False))
+        segmenter, _ = S.train_unet(real_train, None, steps=seg_steps, batch_size=16, ratio=0.0, seed=0,
+                                    augment=augment)
         pixel_mm = S.slice_pixel_mm(data_cfg)
         real_dice = S.evaluate_model(segmenter, real_test, pixel_mm=pixel_mm)["dice"]
-        segmentation = SegmentationRefs(segmenter, real_train, real_test, seg_steps, pixel_mm, real_dice)
+        segmentation = SegmentationRefs(segmenter, real_train, real_test, seg_steps, pixel_mm, real_dice, augment)
     print(f"ct: {len(train_cases)} train case(s), {len(test_cases)} held-out case(s); {n_eval} eval + {n_val} val "
           f"held-out slices, {share_note}; feature net {feature_net}"
-          + (f"; segmenter {seg_steps} steps, real held-out Dice {segmentation.real_dice:.3f}" if segmentation else "")
+          + (f"; segmenter {seg_steps} steps{' (classic augmentation)' if segmentation.augment else ''}, real held-out "
+             f"Dice {segmentation.real_dice:.3f}" if segmentation else "")
           + f" ({time.perf_counter() - t0:.0f} s)")
     data = EvalData("ct" if args.data_root else "ct-phantom", test=test, val=val, memo_train=train_slices,
                     feature_fn=ae.features, feature_net=feature_net, image_channels=slice(0, 1),

@@ -103,6 +103,7 @@ def load_training_slices(prepared: str | Path, data, *, max_slices: int | None =
     """Every slice of the prepared ok cases, fitted exactly as training fits them (``data.sampling``: size,
     fit, fov_mm) but without neighbours; returns the slices and the manifest. ``max_slices`` keeps a seeded
     random subset (the nearest-neighbour search then only sees those)."""
+    from pancreas_gvae.ct.config import fit_options
     from pancreas_gvae.ct.manifest import MANIFEST_NAME, read_manifest
     from transforms.slice_dataset import CTSliceDataset
 
@@ -113,7 +114,7 @@ def load_training_slices(prepared: str | Path, data, *, max_slices: int | None =
     manifest = read_manifest(prepared)
     s = data.sampling
     ds = CTSliceDataset(prepared, manifest, size=s.slice_size, pos_fraction=None, context_slices=0, seed=seed,
-                        fit=s.fit, fov_mm=s.fov_mm)
+                        **fit_options(data))
     picks = np.arange(len(ds))
     if max_slices is not None and max_slices < len(picks):
         picks = np.sort(np.random.default_rng(seed).choice(picks, size=max_slices, replace=False))

@@ -144,14 +144,17 @@ class SliceSet:
 
 
 def load_slices(prepared: str | Path, manifest: pd.DataFrame, cases: Sequence[str], *, size: int,
-                fit: str = "resize", fov_mm: float | None = None) -> SliceSet:
-    """Every axial slice of ``cases`` (centre slice only, no 2.5D context), fitted to ``size x size``."""
+                fit: str = "resize", fov_mm: float | None = None, centre: str = "image",
+                centre_jitter_mm: float = 0.0) -> SliceSet:
+    """Every axial slice of ``cases`` (centre slice only, no 2.5D context), fitted to ``size x size``
+    (``fit`` ... ``centre_jitter_mm`` as :func:`pancreas_gvae.ct.config.fit_options` gives them)."""
     from transforms.slice_dataset import CTSliceDataset
 
     if not cases:
         raise DataError("no case to load")
     ds = CTSliceDataset(prepared, manifest, size=size, pos_fraction=None, context_slices=0, seed=0,
-                        cases=list(cases), fit=fit, fov_mm=fov_mm)
+                        cases=list(cases), fit=fit, fov_mm=fov_mm, centre=centre,
+                        centre_jitter_mm=centre_jitter_mm)
     missing = set(cases) - set(ds.case_ids)
     if missing:
         raise DataError(f"{len(missing)} requested case(s) are not ok in the prepared store")
@@ -199,10 +202,54 @@ def _real_weights(real: SliceSet, pos_fraction: float | None) -> np.ndarray:
     return w / w.sum()
 
 
+class ClassicAugmentation:
+    """The augmentation any reviewer asks for first (issue 14 §3), applied per slice of a batch: MONAI
+    ``RandAffined`` (rotation up to 15 degrees, scale up to 10 %, shift up to 6 % of the side; image bilinear,
+    mask nearest, zero outside), ``RandScaleIntensityd`` / ``RandShiftIntensityd`` (10 % / 0.05 of the [0, 1]
+    range) and ``RandGaussianNoised`` (sd 0.02), seeded. ``(B, 1, H, W)`` image and mask in, same out."""
+
+    def __init__(self, seed: int):
+        self.seed, self.chain = seed, None
+
+    def _build(self, size: int):
+        from monai.transforms import (Compose, RandAffined, RandGaussianNoised, RandScaleIntensityd,
+                                      RandShiftIntensityd)
+
+        keys = ("image", "label")
+        self.chain = Compose([
+            RandAffined(keys, prob=0.8, rotate_range=math.radians(15), scale_range=0.1,
+                        translate_range=0.06 * size, mode=("bilinear", "nearest"), padding_mode="zeros"),
+            RandScaleIntensityd("image", factors=0.1, prob=0.5),
+            RandShiftIntensityd("image", offsets=0.05, prob=0.5),
+            RandGaussianNoised("image", std=0.02, prob=0.3),
+        ])
+        self.chain.set_random_state(self.seed)
+
+    def __call__(self, image: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from monai.data import get_track_meta, set_track_meta
+
+        if self.chain is None:
+            self._build(int(image.shape[-1]))
+        track = get_track_meta()
+        set_track_meta(False)  # plain tensors: MetaTensor bookkeeping would cost more than the transforms here
+        try:
+            out = [self.chain({"image": x, "label": y}) for x, y in zip(image, label)]
+        finally:
+            set_track_meta(track)
+        img = torch.stack([torch.as_tensor(o["image"]).as_subclass(torch.Tensor) for o in out]).clamp_(0.0, 1.0)
+        lab = torch.stack([torch.as_tensor(o["label"]).as_subclass(torch.Tensor) for o in out])
+        return img.float(), (lab > 0.5).float()
+
+
 def train_unet(real: SliceSet, synthetic: SliceSet | None, *, steps: int, batch_size: int, ratio: float,
                seed: int, lr: float = 1e-3, pos_fraction: float | None = 0.6,
-               channels: Sequence[int] = (16, 32, 64, 128), log=None) -> tuple[torch.nn.Module, list[float]]:
-    """Train a 2D UNet for ``steps`` batches of ``batch_size`` (real slices oversampled towards pancreas)."""
+               channels: Sequence[int] = (16, 32, 64, 128), log=None, augment: bool = False,
+               callback=None, callback_every: int = 0) -> tuple[torch.nn.Module, list[float]]:
+    """Train a 2D UNet for ``steps`` batches of ``batch_size`` (real slices oversampled towards pancreas).
+
+    ``augment``: :class:`ClassicAugmentation` on every batch (real and synthetic alike). ``callback(step,
+    model)`` runs every ``callback_every`` steps (a learning curve; the model is put back in train mode).
+    """
     from monai.losses import DiceCELoss
 
     torch.manual_seed(seed)
@@ -212,6 +259,7 @@ def train_unet(real: SliceSet, synthetic: SliceSet | None, *, steps: int, batch_
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     weights = _real_weights(real, pos_fraction)
+    augmenter = ClassicAugmentation(seed) if augment else None
     losses = []
     model.train()
     for step in range(steps):
@@ -220,6 +268,8 @@ def train_unet(real: SliceSet, synthetic: SliceSet | None, *, steps: int, batch_
         if n_syn:
             sidx = rng.choice(len(synthetic), size=n_syn, replace=True)
             x, y = torch.cat([x, synthetic.image[sidx]]), torch.cat([y, synthetic.label[sidx]])
+        if augmenter is not None:
+            x, y = augmenter(x, y)
         opt.zero_grad(set_to_none=True)
         loss = loss_fn(model(x), y)
         loss.backward()
@@ -227,7 +277,34 @@ def train_unet(real: SliceSet, synthetic: SliceSet | None, *, steps: int, batch_
         losses.append(loss.detach().item())
         if log is not None and (step + 1) % max(1, steps // 5) == 0:
             log(step + 1, float(np.mean(losses[-max(1, steps // 5):])))
+        if callback is not None and callback_every and (step + 1) % callback_every == 0:
+            callback(step + 1, model.eval())
+            model.train()
     return model.eval(), losses
+
+
+def learning_curve(train: SliceSet, val: SliceSet, *, steps: int, every: int, batch_size: int, seed: int,
+                   pixel_mm: float, augment: bool = False, lr: float = 1e-3) -> list[dict[str, float]]:
+    """Validation Dice / HD95 of one :func:`train_unet` run every ``every`` steps (``val``: slices of training
+    patients held back from ``train``, never the test patients): the curve the UNet budget is read from."""
+    rows: list[dict[str, float]] = []
+
+    def score(step: int, model: torch.nn.Module) -> None:
+        rows.append({"step": step, **evaluate_model(model, val, pixel_mm=pixel_mm)})
+
+    train_unet(train, None, steps=steps, batch_size=batch_size, ratio=0.0, seed=seed, lr=lr, augment=augment,
+               callback=score, callback_every=every)
+    return rows
+
+
+def budget_from_curve(steps: Sequence[int], dice: Sequence[float], *, tolerance: float = 0.01) -> int:
+    """The first step whose validation Dice (mean of it and its neighbours, against single-point noise) is
+    within ``tolerance`` of the best such value: more steps than this buy less than ``tolerance`` Dice."""
+    d = np.asarray(dice, dtype=float)
+    if len(d) == 0:
+        raise PipelineError("an empty learning curve has no budget")
+    smooth = np.array([np.nanmean(d[max(0, i - 1):i + 2]) for i in range(len(d))])
+    return int(np.asarray(steps)[int(np.flatnonzero(smooth >= np.nanmax(smooth) - tolerance)[0])])
 
 
 @torch.no_grad()
@@ -335,11 +412,12 @@ def label_fidelity(seg_model: torch.nn.Module, synthetic: SliceSet, *, pixel_mm:
 
 def tstr(synthetic: SliceSet, real_train: SliceSet, real_test: SliceSet, *, steps: int, batch_size: int,
          seed: int, pixel_mm: float, lr: float = 1e-3, pos_fraction: float | None = 0.6,
-         channels: Sequence[int] = (16, 32, 64, 128), real_model: torch.nn.Module | None = None) -> dict[str, float]:
+         channels: Sequence[int] = (16, 32, 64, 128), real_model: torch.nn.Module | None = None,
+         augment: bool = False) -> dict[str, float]:
     """Train on Synthetic, Test on Real: the UNet of :func:`train_unet` on synthetic pairs only vs on real ones.
 
     Both arms are one :func:`train_unet` recipe (same steps, batch size, seed, learning rate, pancreas
-    oversampling ``pos_fraction``, channels); the synthetic arm passes the synthetic set in the ``real``
+    oversampling ``pos_fraction``, channels, ``augment``); the synthetic arm passes the synthetic set in the ``real``
     slot with no second set, so it never sees a real slice. Both are scored on ``real_test`` by
     :func:`evaluate_model`. ``real_model``: an already trained real-only network (e.g. the real arm of
     the augmentation experiment) to score instead of training one - the caller vouches that it used the
@@ -353,7 +431,7 @@ def tstr(synthetic: SliceSet, real_train: SliceSet, real_test: SliceSet, *, step
         raise DataError(f"TSTR needs non-empty sets, got {len(synthetic)} synthetic, {len(real_train)} real "
                         f"training and {len(real_test)} real test slices")
     recipe = dict(steps=steps, batch_size=batch_size, ratio=0.0, seed=seed, lr=lr, pos_fraction=pos_fraction,
-                  channels=channels)
+                  channels=channels, augment=augment)
     syn_model, _ = train_unet(synthetic, None, **recipe)
     if real_model is None:
         real_model, _ = train_unet(real_train, None, **recipe)

@@ -31,6 +31,7 @@ import pandas as pd
 
 from pancreas_gvae import segmentation as seg
 from pancreas_gvae.config import default_tracking_uri
+from pancreas_gvae.ct.config import fit_options
 from pancreas_gvae.ct.discovery import LAYOUTS
 from pancreas_gvae.errors import PipelineError, run_cli
 from pancreas_gvae.export.bundle import generator_from_checkpoint
@@ -162,8 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         raise PipelineError(f"generator makes {gcfg.model.image_size}px slices, data config says {sampling.slice_size}")
     pixel_mm = seg.slice_pixel_mm(data)
 
-    test = seg.load_slices(prepared, manifest, split.test, size=sampling.slice_size, fit=sampling.fit,
-                           fov_mm=sampling.fov_mm)
+    test = seg.load_slices(prepared, manifest, split.test, size=sampling.slice_size, **fit_options(data))
     print(f"test: {len(test)} slices, {int(test.has_pancreas.sum())} with pancreas; {pixel_mm:.2f} mm/pixel")
 
     # 3. the arms
@@ -187,8 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         for fraction in args.fractions:
             for seed in args.seeds:
                 cases = seg.subset_cases(split.train, fraction, seed)
-                real = seg.load_slices(prepared, manifest, cases, size=sampling.slice_size, fit=sampling.fit,
-                                       fov_mm=sampling.fov_mm)
+                real = seg.load_slices(prepared, manifest, cases, size=sampling.slice_size, **fit_options(data))
                 for arm in ARMS:
                     synthetic = None
                     if arm != "real":

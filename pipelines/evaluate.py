@@ -37,7 +37,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dataset", choices=["mnist", "fashion-mnist", "ct"], required=True)
     p.add_argument("--models", default="gvae,vae,gan", help="comma-separated subset of " + ",".join(MODEL_KINDS))
     p.add_argument("--seeds", default="0", help="comma-separated training seeds")
-    p.add_argument("--steps", type=int, required=True, help="training steps, the same for every model")
+    p.add_argument("--steps", required=True, help="training steps, the same for every model; several budgets "
+                   "(1000,2000,4000) give a learning curve: each model trains on to the next budget from its "
+                   "checkpoint and is scored at every one (a table per budget, OUT/curve-*.png)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--config", type=Path, help="default: configs/mnist.yaml or configs/ct_64.yaml")
@@ -56,6 +58,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                                                "recall and the mask scores (>= --n-eval)")
     p.add_argument("--seg-steps", type=int, default=300, help="CT: UNet steps of the label-fidelity segmenter and "
                                                               "of TSTR (0: skip both)")
+    p.add_argument("--seg-augment", action="store_true", help="CT: classic augmentation (MONAI RandAffined, "
+                   "intensity, noise) in the segmenter's and TSTR's training (pipelines/segmenter_curve.py)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the config's, sqlite:///mlflow.db)")
     p.add_argument("--experiment", default=EXPERIMENT)
     p.add_argument("--n-eval", type=int, default=1000, help="held-out images evaluated (and samples drawn)")
@@ -92,22 +96,49 @@ def _overrides(args: argparse.Namespace, model: str, seed: int) -> list[str]:
 # --------------------------------------------------------------------------- main
 
 
-def _finished_rows(path: Path, dataset: str, steps: int) -> list[dict]:
-    """Rows of an earlier, interrupted invocation with the same dataset and budget (a re-run skips them)."""
+def _finished_rows(path: Path, dataset: str, budgets: list[int]) -> list[dict]:
+    """Rows of an earlier, interrupted invocation with the same dataset and budgets (a re-run skips them)."""
     if not path.is_file():
         return []
     import pandas as pd
 
     frame = pd.read_csv(path)
-    frame = frame[(frame["dataset"] == dataset) & (frame["steps"] == steps)]
+    frame = frame[(frame["dataset"] == dataset) & frame["steps"].isin(budgets)]
     return frame.to_dict("records")
+
+
+def _checkpoint_step(run_dir: Path) -> int:
+    """Steps already trained in ``run_dir`` (0 without a checkpoint)."""
+    from pancreas_gvae.training.checkpoint import load_checkpoint
+
+    path = checkpoint_path(run_dir)
+    return int(load_checkpoint(path)["step"]) if path.is_file() else 0
+
+
+def _plot_learning_curves(frame, out: Path) -> list[Path]:
+    """OUT/curve-<metric>.png: each model's mean over seeds against training steps."""
+    from pancreas_gvae.evaluation import plot_curves
+
+    paths = []
+    for metric in ("fid_feature", "kid_feature", "recall", "precision", "fidelity_dice", "tstr_ratio",
+                   "mmd2_feature"):
+        if metric not in frame or frame[metric].isna().all():
+            continue
+        curves = {}
+        for model, g in frame.groupby("model", sort=False):
+            m = g.groupby("steps")[metric].mean().dropna()
+            if len(m):
+                curves[str(model)] = (m.index.tolist(), m.tolist())
+        paths.append(plot_curves(curves, out / f"curve-{metric}.png", xlabel="training steps", ylabel=metric,
+                                 title=f"{metric}: mean over seeds"))
+    return paths
 
 
 def _log_child(client, run_id: str, row: dict) -> None:
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    metrics = [Metric(f"eval/{k}", float(v), now, 0) for k, v in row.items()
+    metrics = [Metric(f"eval/{k}", float(v), now, int(row["steps"])) for k, v in row.items()
                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
                and k not in ("seed", "steps", "batch_size")]
     client.log_batch(run_id, metrics=metrics)
@@ -116,9 +147,12 @@ def _log_child(client, run_id: str, row: dict) -> None:
 @run_cli
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    models, seeds = _models(args.models), _ints(args.seeds)
+    models, seeds, budgets = _models(args.models), _ints(args.seeds), sorted(set(_ints(args.steps)))
     if not seeds:
         raise PipelineError("--seeds: give at least one seed")
+    if not budgets or budgets[0] < 1:
+        raise PipelineError(f"--steps: one or more positive step counts, got {args.steps!r}")
+    args.steps = budgets[0]  # the config the data is prepared with; each run gets its own budget below
     default_cfg = REPO / "configs" / ("ct_64.yaml" if args.dataset == "ct" else "mnist.yaml")
     config = args.config or default_cfg
     base_cfg = load_config(config, _overrides(args, models[0], seeds[0]))
@@ -138,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
                                tags={"dataset": data.dataset, "kind": "evaluation"})
     parent_id = parent.info.run_id
     params = {"dataset": data.dataset, "models": ",".join(models), "seeds": ",".join(map(str, seeds)),
-              "steps": args.steps, "batch_size": base_cfg.train.batch_size, "config": str(config),
+              "steps": ",".join(map(str, budgets)), "batch_size": base_cfg.train.batch_size, "config": str(config),
               "n_eval": len(data.test), "n_val": len(data.val), "n_samples": data.sample_count,
               "iwae_k": args.iwae_k,
               "feature_net": data.feature_net, "likelihood": data.likelihood, **data.notes}
@@ -146,43 +180,54 @@ def main(argv: list[str] | None = None) -> int:
         client.log_param(parent_id, k, str(v)[:500])
     print(f"MLflow parent run {parent_id} in {uri} (experiment {args.experiment})")
 
-    rows, status = _finished_rows(args.out / "results.csv", data.dataset, args.steps), "FAILED"
+    rows, status = _finished_rows(args.out / "results.csv", data.dataset, budgets), "FAILED"
     if rows:
         print(f"resuming: {len(rows)} finished row(s) in {args.out / 'results.csv'} are kept, not recomputed")
     try:
-        for model in models:
-            for seed in seeds:
-                if any(r["model"] == model and int(r["seed"]) == seed for r in rows):
-                    continue
-                cfg = load_config(config, _overrides(args, model, seed))
-                name = f"{model}-{data.dataset}-s{seed}"
-                print(f"== training {name}: {cfg.train.steps} steps, batch {cfg.train.batch_size}", flush=True)
-                run_dir = args.out / "runs" / name
-                res = train_run(cfg, make_batches(cfg), preview[: cfg.train.num_samples], out_dir=run_dir,
-                                resume=checkpoint_path(run_dir).is_file(),  # a killed training continues
-                                run_name=name, tags={"dataset": data.dataset, "model": model, "seed": str(seed),
-                                                     "mlflow.parentRunId": parent_id}, progress=False)
-                t0 = time.perf_counter()
-                metrics = evaluate_model(res.trainer.model, res.trainer.ema_generator, data,
-                                         latent_dim=cfg.model.latent_dim, seed=seed, iwae_k=args.iwae_k,
-                                         device=res.trainer.device)
-                row = {"dataset": data.dataset, "model": model, "seed": seed, **metrics,
-                       "steps": cfg.train.steps, "batch_size": cfg.train.batch_size, "n_eval": len(data.test),
-                       "n_samples": data.sample_count,
-                       "iwae_k": args.iwae_k if model != "gan" else math.nan,
-                       "likelihood": (f"{data.likelihood} (binarised)" if data.likelihood == "bernoulli"
-                                      else f"gaussian sigma={data.sigma}"),
-                       "recon_units": "HU" if data.window else "[0,1] pixel", "feature_net": data.feature_net,
-                       "run_id": res.run_id, "train_seconds": round(res.seconds, 1),
-                       "eval_seconds": round(time.perf_counter() - t0, 1)}
-                mlflow.set_tracking_uri(uri)
-                _log_child(MlflowClient(tracking_uri=res.tracking_uri or uri), res.run_id, row)
-                rows.append(row)
-                print(f"   trained {res.seconds:.0f} s, evaluated {row['eval_seconds']:.0f} s: "
-                      + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if math.isfinite(v)), flush=True)
-                frame = results_frame(rows)
-                frame.to_csv(args.out / "results.csv", index=False)  # partial table survives an interruption
+        for model, seed, budget in ((m, s, b) for m in models for s in seeds for b in budgets):
+            if any(r["model"] == model and int(r["seed"]) == seed and int(r["steps"]) == budget for r in rows):
+                continue
+            args.steps = budget
+            cfg = load_config(config, _overrides(args, model, seed))
+            name = f"{model}-{data.dataset}-s{seed}"
+            run_dir = args.out / "runs" / name
+            done = _checkpoint_step(run_dir)
+            if done > budget:
+                raise PipelineError(f"{run_dir} has trained {done} steps, past the {budget}-step budget whose "
+                                    f"row is missing: give budgets >= {done}, or a new --out")
+            print(f"== training {name}: {cfg.train.steps} steps ({done} already), batch "
+                  f"{cfg.train.batch_size}", flush=True)
+            res = train_run(cfg, make_batches(cfg), preview[: cfg.train.num_samples], out_dir=run_dir,
+                            resume=checkpoint_path(run_dir).is_file(),  # a killed training continues
+                            run_name=name, tags={"dataset": data.dataset, "model": model, "seed": str(seed),
+                                                 "mlflow.parentRunId": parent_id}, progress=False)
+            t0 = time.perf_counter()
+            metrics = evaluate_model(res.trainer.model, res.trainer.ema_generator, data,
+                                     latent_dim=cfg.model.latent_dim, seed=seed, iwae_k=args.iwae_k,
+                                     device=res.trainer.device)
+            row = {"dataset": data.dataset, "model": model, "seed": seed, **metrics,
+                   "steps": cfg.train.steps, "batch_size": cfg.train.batch_size, "n_eval": len(data.test),
+                   "n_samples": data.sample_count,
+                   "iwae_k": args.iwae_k if model != "gan" else math.nan,
+                   "likelihood": (f"{data.likelihood} (binarised)" if data.likelihood == "bernoulli"
+                                  else f"gaussian sigma={data.sigma}"),
+                   "recon_units": "HU" if data.window else "[0,1] pixel", "feature_net": data.feature_net,
+                   "run_id": res.run_id, "train_seconds": round(res.seconds, 1),
+                   "train_seconds_cum": round(res.seconds + sum(
+                       float(r["train_seconds"]) for r in rows
+                       if r["model"] == model and int(r["seed"]) == seed and int(r["steps"]) < budget), 1),
+                   "eval_seconds": round(time.perf_counter() - t0, 1)}
+            mlflow.set_tracking_uri(uri)
+            _log_child(MlflowClient(tracking_uri=res.tracking_uri or uri), res.run_id, row)
+            rows.append(row)
+            print(f"   trained {res.seconds:.0f} s, evaluated {row['eval_seconds']:.0f} s: "
+                  + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if math.isfinite(v)), flush=True)
+            frame = results_frame(rows)
+            frame.to_csv(args.out / "results.csv", index=False)  # partial table survives an interruption
         frame = results_frame(rows)
+        if len(budgets) > 1:
+            for path in _plot_learning_curves(frame, args.out):
+                client.log_artifact(parent_id, str(path))
         notes = [f"{k}: {v}" for k, v in params.items()]
         md = render_markdown(frame, title=f"Evaluation: {data.dataset}", notes=notes)
         (args.out / "results.md").write_text(md)

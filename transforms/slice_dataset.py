@@ -99,14 +99,20 @@ class CTSliceDataset(Dataset):
             per pixel for every case); ``crop``: a ``size`` patch at cache resolution, centred on a pancreas
             pixel for pancreas slices (RandCropByPosNegLabeld's rule) and random elsewhere.
         fov_mm: field of view for ``resize``; None fits the whole slice (longest side), scale then varies.
+        centre: where the ``resize`` square sits: ``image`` (slice centre) or ``pancreas`` (the slice's pancreas
+            centroid; the case's for slices without pancreas; the slice centre for image-only cases).
+        centre_jitter_mm: ``pancreas`` only: a uniform offset of up to this many mm per axis, seeded by
+            (seed, epoch, index), so the pancreas is not pinned to the centre pixel.
     """
 
     def __init__(self, cache_dir: str | Path, manifest: pd.DataFrame | str | Path | None = None, *,
                  size: int = 128, pos_fraction: float | None = 0.5, context_slices: int = 0, seed: int = 0,
                  samples_per_epoch: int | None = None, cases: Iterable[str] | None = None, fit: str = "resize",
-                 fov_mm: float | None = 400.0):
+                 fov_mm: float | None = 400.0, centre: str = "image", centre_jitter_mm: float = 0.0):
         if fit not in FIT_MODES:
             raise ValueError(f"fit must be one of {FIT_MODES}, got {fit!r}")
+        if centre not in ("image", "pancreas") or (centre == "pancreas" and not (fit == "resize" and fov_mm)):
+            raise ValueError(f"centre must be image, or pancreas with fit=resize and a fov_mm; got {centre!r}")
         if pos_fraction is not None and not 0.0 <= pos_fraction <= 1.0:
             raise ValueError(f"pos_fraction must be in [0, 1] or None, got {pos_fraction}")
         self.root = cache_root(cache_dir)
@@ -115,6 +121,8 @@ class CTSliceDataset(Dataset):
         if context_slices:
             _refuse_context_for_slice_sets(self.root, self.case_ids, context_slices)
         self.size, self.context, self.seed, self.fit, self.fov_mm = int(size), int(context_slices), seed, fit, fov_mm
+        self.centre, self.jitter_mm = centre, float(centre_jitter_mm)
+        self._case_centres: dict[str, tuple[float, float] | None] = {}
         self.pos_fraction = pos_fraction
         self.samples_per_epoch = samples_per_epoch or len(self.slices)
         self._pos = np.flatnonzero(self.slices["has_pancreas"].to_numpy())
@@ -132,10 +140,12 @@ class CTSliceDataset(Dataset):
     def from_config(cls, cache_dir: str | Path, cfg, manifest: pd.DataFrame | str | Path | None = None, *,
                     cases: Iterable[str] | None = None, seed: int = 0) -> CTSliceDataset:
         """The dataset as ``cfg.sampling`` (a :class:`~pancreas_gvae.ct.config.DataConfig`) describes it."""
+        from pancreas_gvae.ct.config import fit_options
+
         s = cfg.sampling
         return cls(cache_dir, manifest, size=s.slice_size, pos_fraction=s.pos_fraction,
                    context_slices=s.context_slices, seed=seed, samples_per_epoch=s.samples_per_epoch,
-                   cases=cases, fit=s.fit, fov_mm=s.fov_mm)
+                   cases=cases, **fit_options(cfg))
 
     # -------------------------------------------------------------- epoch plan
 
@@ -193,7 +203,8 @@ class CTSliceDataset(Dataset):
         image = torch.from_numpy(np.asarray(case.image[ks], dtype=np.float32))  # (C, rows, cols)
         label = torch.from_numpy(np.asarray(case.label[k:k + 1], dtype=np.float32))
         if self.fit == "resize":
-            image, label = self._resize(image, label, case.spacing[1:])
+            centre = self._centre(case_id, case, label, index, case.spacing[1:]) if self.centre == "pancreas" else None
+            image, label = fit_slice(image, label, case.spacing[1:], self.size, self.fov_mm, centre)
         else:
             image, label = self._crop(image, label, index)
         return {"image": image.contiguous(), "label": label.contiguous(),
@@ -202,8 +213,23 @@ class CTSliceDataset(Dataset):
     # Plain torch below: MONAI's array transforms cost milliseconds per call on one slice (MetaTensor
     # bookkeeping), more than the arithmetic; the per-sample path must stay far below the cost of a load.
 
-    def _resize(self, image: torch.Tensor, label: torch.Tensor, spacing) -> tuple[torch.Tensor, torch.Tensor]:
-        return fit_slice(image, label, spacing, self.size, self.fov_mm)
+    def _centre(self, case_id: str, case, label: torch.Tensor, index: int, spacing) -> tuple[float, float] | None:
+        """(row, col) in cache pixels of the window centre for ``centre=pancreas``, jittered; None: slice centre."""
+        fg = torch.nonzero(label[0])
+        if len(fg):
+            rc = fg.float().mean(0).tolist()
+        else:
+            if case_id not in self._case_centres:  # once per case: the centroid of its whole label volume
+                vol = np.argwhere(np.asarray(case.label) > 0)
+                self._case_centres[case_id] = tuple(vol[:, 1:].mean(0).tolist()) if len(vol) else None
+            rc = self._case_centres[case_id]
+            if rc is None:
+                return None
+        if self.jitter_mm > 0:
+            rng = np.random.default_rng([self.seed, self.epoch, index, 7])
+            dy, dx = rng.uniform(-self.jitter_mm, self.jitter_mm, size=2)
+            rc = [rc[0] + dy / float(spacing[0]), rc[1] + dx / float(spacing[1])]
+        return float(rc[0]), float(rc[1])
 
     def _crop(self, image: torch.Tensor, label: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """RandCropByPosNegLabeld's rule in 2D: centre on a random pancreas pixel, or anywhere on other slices."""
@@ -222,16 +248,19 @@ class CTSliceDataset(Dataset):
         return image[:, y0:y0 + s, x0:x0 + s], label[:, y0:y0 + s, x0:x0 + s]
 
 
-def fit_slice(image: torch.Tensor, label: torch.Tensor, spacing, size: int,
-              fov_mm: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_slice(image: torch.Tensor, label: torch.Tensor, spacing, size: int, fov_mm: float | None,
+              centre_rc: tuple[float, float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(C, H, W)`` image and ``(1, H, W)`` mask -> ``size x size``: a centred ``fov_mm`` square (or the whole
-    slice, aspect kept, when ``fov_mm`` is None), area-resized; the mask is thresholded at 0.5."""
+    slice, aspect kept, when ``fov_mm`` is None), area-resized; the mask is thresholded at 0.5.
+    ``centre_rc``: the square's centre (row, col) in input pixels instead of the slice centre (zero beyond it)."""
     s = size
     h, w = image.shape[-2:]
     if fov_mm:
         bh, bw = max(1, round(fov_mm / spacing[0])), max(1, round(fov_mm / spacing[1]))
     else:
         bh = bw = max(h, w)
+    if centre_rc is not None and fov_mm:
+        return _fit_box(image, label, (round(centre_rc[0] - bh / 2), round(centre_rc[1] - bw / 2)), (bh, bw), s)
     # Crop what lies inside the box, resize that, then pad the small result: padding the full-resolution
     # slice first would allocate (and page-fault) megabytes per sample.
     ch, cw = min(h, bh), min(w, bw)
@@ -241,6 +270,27 @@ def fit_slice(image: torch.Tensor, label: torch.Tensor, spacing, size: int,
     img = F.interpolate(image[region][None], size=(oh, ow), mode="area")[0]
     lab = F.interpolate(label[region][None], size=(oh, ow), mode="area")[0] >= 0.5  # smoother than nearest
     return _center_fit(img, (s, s)), _center_fit(lab.float(), (s, s))
+
+
+def _fit_box(image: torch.Tensor, label: torch.Tensor, origin: tuple[int, int], box: tuple[int, int],
+             s: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``box`` (rows, cols) whose top-left input pixel is ``origin`` (may lie outside the slice) resized to
+    ``s x s``: what lies inside is area-resized and placed where it belongs, the rest is zero."""
+    (y0, x0), (bh, bw) = origin, box
+    h, w = image.shape[-2:]
+    ys, ye, xs, xe = max(y0, 0), min(y0 + bh, h), max(x0, 0), min(x0 + bw, w)
+    img, lab = image.new_zeros((image.shape[0], s, s)), label.new_zeros((label.shape[0], s, s))
+    if ye <= ys or xe <= xs:
+        return img, lab
+    dy0, dy1 = round((ys - y0) * s / bh), round((ye - y0) * s / bh)
+    dx0, dx1 = round((xs - x0) * s / bw), round((xe - x0) * s / bw)
+    if dy1 <= dy0 or dx1 <= dx0:
+        return img, lab
+    region = (slice(None), slice(ys, ye), slice(xs, xe))
+    img[:, dy0:dy1, dx0:dx1] = F.interpolate(image[region][None], size=(dy1 - dy0, dx1 - dx0), mode="area")[0]
+    lab[:, dy0:dy1, dx0:dx1] = (F.interpolate(label[region][None], size=(dy1 - dy0, dx1 - dx0),
+                                              mode="area")[0] >= 0.5).to(label.dtype)
+    return img, lab
 
 
 def _center_fit(x: torch.Tensor, box: tuple[int, int]) -> torch.Tensor:

@@ -106,6 +106,11 @@ class SamplingConfig:
     slice_size: int = 128
     fit: str = "resize"  # resize: a fov_mm square resized to slice_size | crop: slice_size patch at cache resolution
     fov_mm: float | None = 400.0  # resize: same mm per pixel for every case; None fits each whole slice
+    # resize: where the fov_mm square sits. image: the slice centre. pancreas: the slice's pancreas centroid
+    # (slices without pancreas: the case's; image-only cases: the slice centre), moved by a seeded uniform
+    # offset of up to centre_jitter_mm per axis: a localised view that resolves the pancreas (see docs/data.md).
+    centre: str = "image"
+    centre_jitter_mm: float = 0.0
     context_slices: int = 0  # 2.5D: this many neighbours on each side as extra channels
     pos_fraction: float | None = 0.5  # fraction of samples with pancreas; None: every slice once
     samples_per_epoch: int | None = None  # None: number of slices in the selected cases
@@ -215,6 +220,12 @@ def validate(cfg: DataConfig) -> None:
         raise PipelineError(f"preprocess.cache_dtype must be float16 or float32, got {p.cache_dtype}")
     if s.fit not in ("resize", "crop"):
         raise PipelineError(f"sampling.fit must be resize or crop, got {s.fit}")
+    if s.centre not in ("image", "pancreas"):
+        raise PipelineError(f"sampling.centre must be image or pancreas, got {s.centre}")
+    if s.centre == "pancreas" and not (s.fit == "resize" and s.fov_mm):
+        raise PipelineError("sampling.centre=pancreas needs sampling.fit=resize with a sampling.fov_mm")
+    if not 0.0 <= float(s.centre_jitter_mm) <= 1000.0:
+        raise PipelineError(f"sampling.centre_jitter_mm must be in [0, 1000] mm, got {s.centre_jitter_mm}")
     if s.pos_fraction is not None and not 0.0 <= s.pos_fraction <= 1.0:
         raise PipelineError(f"sampling.pos_fraction must be in [0, 1] or null, got {s.pos_fraction}")
     ss = cfg.slice_set
@@ -247,6 +258,13 @@ def check_slice_set_settings(cfg: DataConfig) -> None:
     if cfg.preprocess.spacing[2] is not None:
         raise PipelineError(f"preprocess.spacing[2] must be null for a 2D slice set (got "
                             f"{cfg.preprocess.spacing[2]}): resampling across its slices would blend unrelated slices")
+
+def fit_options(cfg: DataConfig) -> dict[str, Any]:
+    """How a slice is fitted to the model's grid (``fit``, ``fov_mm``, ``centre``, ``centre_jitter_mm``): the one
+    set of keyword arguments that training, evaluation, segmentation and the memorisation check all pass on."""
+    s = cfg.sampling
+    return {"fit": s.fit, "fov_mm": s.fov_mm, "centre": s.centre, "centre_jitter_mm": float(s.centre_jitter_mm)}
+
 
 def slice_spacing_mm(cfg: DataConfig) -> tuple[float, float] | None:
     """(x, y) mm per pixel of the sampled 2D slices: ``fov_mm / slice_size`` for ``fit=resize`` with a field of

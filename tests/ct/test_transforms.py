@@ -12,7 +12,7 @@ from monai.data import MetaTensor
 from monai.transforms import Spacingd
 
 from pancreas_gvae.ct import prepare as prepare_mod
-from pancreas_gvae.ct.config import DataConfig, config_hash, load_data_config
+from pancreas_gvae.ct.config import DataConfig, config_hash, load_data_config, validate
 from pancreas_gvae.ct.pairing import resample_label_to_image
 from pancreas_gvae.ct.prepare import prepare_dataset
 from pancreas_gvae.errors import PipelineError
@@ -226,6 +226,59 @@ def test_dataset_is_reproducible_and_epochs_differ(cache):
     assert not np.array_equal(first, a.order)
     a.set_epoch(0)
     np.testing.assert_array_equal(first, a.order)
+
+
+def test_fit_slice_box_centred_on_the_slice_centre_equals_the_centred_fit():
+    from transforms.slice_dataset import fit_slice
+
+    g = torch.Generator().manual_seed(0)
+    image, label = torch.rand(1, 100, 120, generator=g), (torch.rand(1, 100, 120, generator=g) > 0.7).float()
+    centred = fit_slice(image, label, (1.0, 1.0), 32, 64.0)
+    moved = fit_slice(image, label, (1.0, 1.0), 32, 64.0, centre_rc=(50.0, 60.0))
+    for a, b in zip(centred, moved):
+        torch.testing.assert_close(a, b)
+
+
+def test_fit_slice_box_beyond_the_edge_is_zero_where_the_slice_ends():
+    from transforms.slice_dataset import fit_slice
+
+    image, label = torch.ones(1, 100, 100), torch.ones(1, 100, 100)
+    img, lab = fit_slice(image, label, (1.0, 1.0), 20, 40.0, centre_rc=(0.0, 50.0))  # box rows -20..20
+    assert img.shape == (1, 20, 20) and lab.shape == (1, 20, 20)
+    assert img[:, :10].abs().sum() == 0 and lab[:, :10].sum() == 0  # above the slice: zero
+    assert torch.all(img[:, 10:] == 1) and torch.all(lab[:, 10:] == 1)
+    img, lab = fit_slice(image, label, (1.0, 1.0), 20, 40.0, centre_rc=(500.0, 500.0))  # wholly outside
+    assert img.abs().sum() == 0 and lab.sum() == 0
+
+
+def test_pancreas_centred_window_follows_the_pancreas(cache):
+    out, df = cache
+    kw = dict(size=32, pos_fraction=None, seed=0, fov_mm=60.0)
+    image_c = CTSliceDataset(out, df, **kw)
+    pan_c = CTSliceDataset(out, df, centre="pancreas", **kw)
+    jit = CTSliceDataset(out, df, centre="pancreas", centre_jitter_mm=10.0, **kw)
+    offsets, jittered = [], []
+    for i in range(len(pan_c)):
+        a, b, c = image_c[i], pan_c[i], jit[i]
+        if not b["label"].any():
+            continue
+        centroid = torch.nonzero(b["label"][0]).float().mean(0)
+        offsets.append(float((centroid - 15.5).abs().max()))
+        jittered.append(float((torch.nonzero(c["label"][0]).float().mean(0) - centroid).abs().max()))
+        assert b["label"].sum() >= a["label"].sum() * 0.9  # no less pancreas in view than centred (resampling phase aside)
+    assert len(offsets) == 30 and max(offsets) <= 1.5  # the pancreas sits at the window centre
+    assert 0 < max(jittered) <= 10.0 / (60.0 / 32) + 1.5  # moved, by at most the jitter
+    torch.testing.assert_close(jit[5]["image"], CTSliceDataset(out, df, centre="pancreas", centre_jitter_mm=10.0,
+                                                               **kw)[5]["image"])  # seeded
+    with pytest.raises(ValueError, match="centre"):
+        CTSliceDataset(out, df, size=32, fit="crop", centre="pancreas")
+
+
+def test_pancreas_centre_is_checked_in_the_config():
+    cfg = DataConfig()
+    cfg.sampling.centre = "liver"
+    with pytest.raises(PipelineError, match="sampling.centre"):
+        validate(cfg)
 
 
 def test_every_slice_once_without_oversampling(cache):

@@ -62,6 +62,33 @@ def test_cli_writes_tables_and_nested_mlflow_runs(tmp_path, mnist_dir):
 
 
 @pytest.mark.slow
+def test_several_budgets_give_a_learning_curve_from_one_training(tmp_path, mnist_dir):
+    """--steps 2,4: each model trains on from its 2-step checkpoint to 4 steps; a row and a table per budget,
+    curve PNGs, eval metrics at their step in the one MLflow run; a re-run recomputes nothing."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = tmp_path / "eval"
+    tiny = [a if a != "3" else "2,4" for a in TINY]
+    argv = ["--dataset", "mnist", "--data-dir", str(mnist_dir), "--models", "gvae,gan", "--seeds", "0",
+            "--out", str(out), "--tracking-uri", uri, "--n-samples", "40", *tiny]
+    assert evaluate.main(argv) == 0
+    frame = pd.read_csv(out / "results.csv")
+    assert sorted(zip(frame["model"], frame["steps"])) == [("gan", 2), ("gan", 4), ("gvae", 2), ("gvae", 4)]
+    for model, g in frame.groupby("model"):
+        assert g["run_id"].nunique() == 1, "the 4-step row continues the 2-step training"
+        two, four = (g[g["steps"] == n].iloc[0] for n in (2, 4))
+        assert four["train_seconds_cum"] == pytest.approx(two["train_seconds"] + four["train_seconds"], abs=0.2)
+    md = (out / "results.md").read_text()
+    assert "## mnist, 2 steps" in md and "## mnist, 4 steps" in md
+    assert (out / "curve-fid_feature.png").is_file()
+    run = MlflowClient(tracking_uri=uri).get_metric_history(frame["run_id"].iloc[0], "eval/fid_feature")
+    assert sorted(m.step for m in run) == [2, 4]
+    assert evaluate.main(argv) == 0
+    pd.testing.assert_frame_equal(pd.read_csv(out / "results.csv"), frame)
+    # a budget below what a run already trained is refused in one line, not silently mislabelled
+    assert evaluate.main([a if a != "2,4" else "3" for a in argv]) != 0
+
+
+@pytest.mark.slow
 def test_ct_evaluation_scores_the_mask_with_fidelity_and_tstr(tmp_path):
     """Phantom CT, split by case: mask share/shape/intensity, label fidelity and TSTR next to FD/KID."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
