@@ -1,6 +1,6 @@
-"""Downstream check of the synthetic slices (issue 6): does adding GVAE image+mask pairs help a 2D UNet?
+"""The downstream segmenter's pieces: splits, slice loading, a 2D MONAI UNet, its metrics, label fidelity, TSTR.
 
-The pieces ``pipelines/augment_segmentation.py`` strings together:
+The experiment built from them is :mod:`pancreas_gvae.downstream` (``pipelines/augment_segmentation.py``):
 
 * :func:`split_cases` - a fixed case-level train / test split from a seed (never by slice: neighbouring
   slices of one patient are near-copies), and :func:`subset_cases` - the data fraction as a subset of
@@ -19,8 +19,8 @@ The pieces ``pipelines/augment_segmentation.py`` strings together:
   the same UNet recipe trained on synthetic pairs only and on real ones, both scored on real test slices.
   The mask channel's own realism (share, shape, intensity under the mask) is :mod:`pancreas_gvae.metrics.masks`.
 
-Leakage guard: the generator used for augmentation must only have seen training cases.
-:func:`train_generator` trains it from a manifest restricted to the training cases
+Leakage guard: a generator used for augmentation must only have seen training cases. The experiment
+(:mod:`pancreas_gvae.downstream`) trains each from a manifest restricted to its cases
 (:func:`restrict_manifest`) and writes the case lists to ``split.json`` beside its checkpoint (a local
 file: case ids are TCIA PatientIDs and never go to MLflow); :func:`check_generator_split` refuses a
 checkpoint whose ``split.json`` names a test case, and reports "unverified" when there is none.
@@ -448,74 +448,3 @@ def tstr(synthetic: SliceSet, real_train: SliceSet, real_test: SliceSet, *, step
         "tstr/n_real_train": float(len(real_train)),
         "tstr/n_test_pancreas_slices": real["n_pancreas_slices"],
     }
-
-
-# ----------------------------------------------------------------------------- generator on the train split
-
-
-def train_generator(prepared: Path, manifest: pd.DataFrame, split: CaseSplit, cfg, out_dir: Path, *,
-                    progress: bool = True) -> Path:
-    """Train the GVAE (``cfg``, as ``pipelines/train_ct.py`` would) on the training cases of ``split`` only.
-
-    Returns the checkpoint; ``split.json`` beside it records which cases it saw.
-    """
-    from pancreas_gvae.training import ct
-    from pancreas_gvae.training.run import train_run
-
-    data = ct.data_config(cfg)
-    ct.check_model_matches_data(cfg, data)
-    seen = restrict_manifest(manifest, split.train)  # the test cases are not even in the generator's manifest
-    batches = ct.slice_batches(prepared, seen, data, cfg, cases=list(split.train))
-    case_ids = set(batches.dataset.case_ids)
-    if case_ids & set(split.test) or not case_ids <= set(split.train):
-        raise PipelineError("generator data is not restricted to the training cases")  # cannot happen; guard
-    preview = ct.preview_slices(prepared, seen, data, cfg.train.num_samples // 2, cfg.train.seed)
-    out_dir = Path(out_dir)
-    write_split(split, out_dir)
-    result = train_run(cfg, batches, preview, out_dir=out_dir, run_name=f"{cfg.model.kind}-ct-train-split",
-                       tags={"dataset": "train-split", "model": cfg.model.kind, "purpose": "augment-segmentation",
-                             "n_train_cases": str(len(split.train))}, progress=progress)
-    return result.checkpoint
-
-
-# ----------------------------------------------------------------------------- summary
-
-
-def summarize(df: pd.DataFrame) -> pd.DataFrame:
-    """Mean and sd (ddof=1; 0 with one seed) of Dice and HD95 per (fraction, arm)."""
-    rows = []
-    for (fraction, arm), g in df.groupby(["fraction", "arm"], sort=True):
-        row = {"fraction": fraction, "arm": arm, "n_seeds": len(g), "n_train_cases": int(g["n_train_cases"].iloc[0])}
-        for col in ("dice", "hd95", "dice_all"):
-            if col in g:
-                vals = g[col].astype(float)
-                row[f"{col}_mean"] = vals.mean()
-                row[f"{col}_sd"] = vals.std(ddof=1) if len(vals) > 1 else 0.0
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def plot_dice(df: pd.DataFrame, path: str | Path, *, title: str = "") -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    s = summarize(df)
-    fig, ax = plt.subplots(figsize=(5, 3.6))
-    for arm, marker in (("real", "o"), ("real+synthetic", "s")):
-        g = s[s["arm"] == arm].sort_values("fraction")
-        if len(g):
-            ax.errorbar(g["fraction"], g["dice_mean"], yerr=g["dice_sd"], marker=marker, capsize=3, label=arm)
-    ax.set_xlabel("fraction of training cases")
-    ax.set_ylabel("Dice (test pancreas slices)")
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    if title:
-        ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path

@@ -103,12 +103,18 @@ class CTSliceDataset(Dataset):
             centroid; the case's for slices without pancreas; the slice centre for image-only cases).
         centre_jitter_mm: ``pancreas`` only: a uniform offset of up to this many mm per axis, seeded by
             (seed, epoch, index), so the pancreas is not pinned to the centre pixel.
+        withhold_labels: cases whose masks are withheld (semi-supervised training with few labelled
+            patients): their items carry an all-zero label and ``has_label`` 0, and their slices are drawn as
+            "other" slices (which of them hold pancreas is not known either). With ``centre=pancreas`` the
+            window is still placed from the withheld mask: it stands in for the box a coarse localisation
+            stage would give an unlabelled scan (docs/data.md).
     """
 
     def __init__(self, cache_dir: str | Path, manifest: pd.DataFrame | str | Path | None = None, *,
                  size: int = 128, pos_fraction: float | None = 0.5, context_slices: int = 0, seed: int = 0,
                  samples_per_epoch: int | None = None, cases: Iterable[str] | None = None, fit: str = "resize",
-                 fov_mm: float | None = 400.0, centre: str = "image", centre_jitter_mm: float = 0.0):
+                 fov_mm: float | None = 400.0, centre: str = "image", centre_jitter_mm: float = 0.0,
+                 withhold_labels: Iterable[str] = ()):
         if fit not in FIT_MODES:
             raise ValueError(f"fit must be one of {FIT_MODES}, got {fit!r}")
         if centre not in ("image", "pancreas") or (centre == "pancreas" and not (fit == "resize" and fov_mm)):
@@ -117,6 +123,11 @@ class CTSliceDataset(Dataset):
             raise ValueError(f"pos_fraction must be in [0, 1] or None, got {pos_fraction}")
         self.root = cache_root(cache_dir)
         self.slices = list_slices(self.root, manifest, cases=cases)
+        self.withheld = set(map(str, withhold_labels)) & set(self.slices["case_id"])
+        if self.withheld:
+            hidden = self.slices["case_id"].isin(self.withheld)
+            self.slices.loc[hidden, ["has_label", "has_pancreas"]] = False
+            self.slices.loc[hidden, "pancreas_voxels"] = 0
         self.case_ids = sorted(self.slices["case_id"].unique())
         if context_slices:
             _refuse_context_for_slice_sets(self.root, self.case_ids, context_slices)
@@ -138,14 +149,15 @@ class CTSliceDataset(Dataset):
 
     @classmethod
     def from_config(cls, cache_dir: str | Path, cfg, manifest: pd.DataFrame | str | Path | None = None, *,
-                    cases: Iterable[str] | None = None, seed: int = 0) -> CTSliceDataset:
+                    cases: Iterable[str] | None = None, seed: int = 0,
+                    withhold_labels: Iterable[str] = ()) -> CTSliceDataset:
         """The dataset as ``cfg.sampling`` (a :class:`~pancreas_gvae.ct.config.DataConfig`) describes it."""
         from pancreas_gvae.ct.config import fit_options
 
         s = cfg.sampling
         return cls(cache_dir, manifest, size=s.slice_size, pos_fraction=s.pos_fraction,
                    context_slices=s.context_slices, seed=seed, samples_per_epoch=s.samples_per_epoch,
-                   cases=cases, **fit_options(cfg))
+                   cases=cases, withhold_labels=withhold_labels, **fit_options(cfg))
 
     # -------------------------------------------------------------- epoch plan
 
@@ -207,6 +219,8 @@ class CTSliceDataset(Dataset):
             image, label = fit_slice(image, label, case.spacing[1:], self.size, self.fov_mm, centre)
         else:
             image, label = self._crop(image, label, index)
+        if case_id in self.withheld:
+            label = torch.zeros_like(label)
         return {"image": image.contiguous(), "label": label.contiguous(),
                 "has_label": torch.tensor(float(self._label_col[row])), "case_id": case_id, "slice": k}
 

@@ -73,8 +73,12 @@ def prepare(data_root: Path, prepared: Path, data: DataConfig, *, labels: Path |
 
 
 def slice_batches(prepared: Path, manifest: pd.DataFrame, data: DataConfig, cfg: Config, *,
-                  cases: list[str] | None = None, num_workers: int = 0) -> DatasetBatches:
-    dataset = CTSliceDataset.from_config(prepared, data, manifest, cases=cases, seed=cfg.train.seed)
+                  cases: list[str] | None = None, num_workers: int = 0,
+                  withhold_labels: list[str] = ()) -> DatasetBatches:
+    """Training batches of ``cases`` (default: every ok case); ``withhold_labels``: cases trained on as images
+    only (semi-supervised: their masks never reach a loss, see :class:`CTSliceDataset`)."""
+    dataset = CTSliceDataset.from_config(prepared, data, manifest, cases=cases, seed=cfg.train.seed,
+                                         withhold_labels=withhold_labels)
     needed = cfg.train.batch_size * distributed.world_size()
     if len(dataset) < needed:
         # A tiny cohort (one 20-slice case): an epoch draws slices with repetition rather than failing.

@@ -74,69 +74,154 @@ def test_batches_mix_synthetic_at_the_ratio_with_the_same_size():
     assert seg.split_batch(4, 100.0) == (1, 3)
 
 
-def test_generator_only_ever_sees_training_cases(cohort, tmp_path, monkeypatch):
+def test_generators_see_only_their_patients_and_withheld_masks_stay_withheld(cohort, tmp_path, monkeypatch):
+    """Supervised: the labelled patients only. Semi-supervised: every training patient's images, masks of
+    the labelled ones only (unlabelled items carry has_label 0 and an all-zero mask). Never a test patient;
+    split.json records what each saw; a finished generator is reused, not retrained."""
+    from pancreas_gvae import downstream as D
+
     root, cfg, manifest = cohort
-    split = seg.split_cases(seg.ok_cases(manifest), test_fraction=0.5, seed=0)
-    seen = {}
+    cases = seg.ok_cases(manifest)
+    split = seg.CaseSplit(train=cases[:3], test=cases[3:])
+    seen = []
 
-    def fake_train_run(cfg, batches, preview, **kw):  # record what the generator would be trained on
-        seen["cases"] = set(batches.dataset.case_ids)
-        seen["slices"] = set(batches.dataset.slices["case_id"])
-
-        class R:
-            checkpoint = Path(kw["out_dir"]) / "checkpoints" / "last.pt"
-        return R()
+    def fake_train_run(cfg, batches, preview, **kw):
+        ds = batches.dataset
+        seen.append({"cases": set(ds.case_ids), "withheld": set(ds.withheld),
+                     "items": [ds[i] for i in range(len(ds))]})
+        ckpt = Path(kw["out_dir"]) / "checkpoints" / "last.pt"
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        ckpt.write_text("stand-in")
 
     import pancreas_gvae.training.run as run_mod
     monkeypatch.setattr(run_mod, "train_run", fake_train_run)
-    seg.train_generator(root / "prepared", manifest, split, cfg, tmp_path / "gen", progress=False)
-    assert seen["cases"] == set(split.train) and not seen["slices"] & set(split.test)
-    recorded = json.loads((tmp_path / "gen" / "split.json").read_text())
-    assert set(recorded["train"]) == set(split.train)
-    ckpt = tmp_path / "gen" / "checkpoints" / "last.pt"
-    assert seg.check_generator_split(ckpt, split) == "ok"
-    flipped = seg.CaseSplit(train=split.test, test=split.train)
+    labelled, unlabelled = split.train[:1], split.train[1:]
+    sup = D.GeneratorSpec(labelled=labelled, unlabelled=[], test=split.test, seed=0, config=cfg.to_dict())
+    semi = D.GeneratorSpec(labelled=labelled, unlabelled=unlabelled, test=split.test, seed=0, config=cfg.to_dict())
+    assert sup.key != semi.key
+    for spec in (sup, semi):
+        D.train_or_reuse_generator(spec, root / "prepared", manifest, cfg, tmp_path / "gen", tags={})
+    assert seen[0]["cases"] == set(labelled) and not seen[0]["withheld"]
+    assert seen[1]["cases"] == set(split.train) and seen[1]["withheld"] == set(unlabelled)
+    for item in seen[1]["items"]:
+        hidden = item["case_id"] in unlabelled
+        assert float(item["has_label"]) == (0.0 if hidden else 1.0)
+        if hidden:
+            assert item["label"].sum() == 0
+    assert any(it["label"].sum() > 0 for it in seen[1]["items"])  # labelled patients keep their masks
+    recorded = json.loads((tmp_path / "gen" / semi.key / "split.json").read_text())
+    assert set(recorded["train"]) == set(split.train) and set(recorded["test"]) == set(split.test)
+    D.train_or_reuse_generator(semi, root / "prepared", manifest, cfg, tmp_path / "gen", tags={})
+    assert len(seen) == 2, "a finished generator is reused"
+    ckpt = tmp_path / "gen" / semi.key / "checkpoints" / "last.pt"
     with pytest.raises(PipelineError, match="leak"):
-        seg.check_generator_split(ckpt, flipped)
-    assert seg.check_generator_split(tmp_path / "elsewhere" / "last.pt", split) == "unverified"
+        seg.check_generator_split(ckpt, seg.CaseSplit(train=split.test, test=split.train))
+
+
+def test_patient_folds_test_every_patient_once():
+    from pancreas_gvae import downstream as D
+
+    ids = [f"P{i:02d}" for i in range(10)]
+    folds = D.patient_folds(ids, 3, seed=0)
+    tests = [set(f.test) for f in folds]
+    assert sorted(sum((sorted(t) for t in tests), [])) == ids and all(len(t) in (3, 4) for t in tests)
+    for f in folds:
+        assert not set(f.train) & set(f.test) and set(f.train) | set(f.test) == set(ids)
+    with pytest.raises(PipelineError, match="folds"):
+        D.patient_folds(ids, 1)
+
+
+def test_arms_and_their_names():
+    from pancreas_gvae import downstream as D
+
+    arms = D.arms_for([0.5, 1.0], semi=True, fraction=0.25, filter_threshold=0.5)
+    assert arms == ["real", "real+classic", "real+classic+sup0.5", "real+classic+sup1", "real+classic+semi0.5",
+                    "real+classic+semi1", "real+classic+sup1-filtered", "tstr-sup", "tstr-semi"]
+    assert "real+classic+semi1" not in D.arms_for([1.0], semi=True, fraction=1.0, filter_threshold=0.5)
+    assert D.parse_arm("real+classic+semi0.5") == ("semi", 0.5, False)
+    assert D.parse_arm("real+classic+sup1-filtered") == ("sup", 1.0, True)
+    assert D.parse_arm("tstr-sup")[1] == float("inf") and D.parse_arm("real+classic") == (None, 0.0, False)
+
+
+def test_paired_differences_and_their_interval():
+    from scipy import stats
+
+    from pancreas_gvae import downstream as D
+
+    rows = []
+    for fold, (base, aug) in enumerate([(0.50, 0.55), (0.60, 0.62), (0.40, 0.47)]):
+        rows += [{"fraction": 0.1, "arm": "real+classic", "fold": fold, "seed": 0, "dice": base},
+                 {"fraction": 0.1, "arm": "real+classic+sup1", "fold": fold, "seed": 0, "dice": aug}]
+    s = D.paired_summary(pd.DataFrame(rows)).set_index("arm")
+    diffs = [0.05, 0.02, 0.07]
+    half = stats.t.ppf(0.975, 2) * pd.Series(diffs).std(ddof=1) / 3 ** 0.5
+    got = s.loc["real+classic+sup1"]
+    assert got["diff_vs_real+classic"] == pytest.approx(sum(diffs) / 3)
+    assert got["ci95_low"] == pytest.approx(sum(diffs) / 3 - half) and got["n_pairs"] == 3
+    assert s.loc["real+classic", "diff_vs_real+classic"] == 0
+
+
+def test_filter_keeps_the_pairs_the_judge_agrees_with():
+    from pancreas_gvae import downstream as D
+
+    label = torch.zeros(3, 1, 8, 8)
+    label[0, 0, 2:6, 2:6] = 1
+    label[1, 0, 0:2, 0:2] = 1
+    pool = seg.SliceSet(label.clone(), label.clone(), ["synthetic"] * 3)
+
+    class Judge(torch.nn.Module):  # predicts the first pair's mask everywhere
+        def forward(self, x):
+            fg = label[:1].expand(len(x), -1, -1, -1)
+            return torch.cat([1 - fg, fg], dim=1)
+
+    kept = D.filter_by_agreement(pool, Judge(), 0.5)
+    assert len(kept) == 1 and torch.equal(kept.label[0], label[0])  # pair 2 disagrees, pair 3 (empty) too
 
 
 @pytest.mark.slow
-def test_cli_writes_both_arms_plot_and_mlflow_runs(cohort, tmp_path):
+def test_cli_runs_every_arm_resumably_with_nested_mlflow_runs(cohort, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from pancreas_gvae.models import build_model
-    from pancreas_gvae.training.checkpoint import save_checkpoint
-    from pancreas_gvae.training.trainer import Trainer
     from pipelines import augment_segmentation
 
-    root, cfg, manifest = cohort
-    trainer = Trainer(cfg, build_model(cfg.model), torch.device("cpu"))  # untrained: plumbing only
-    ckpt = save_checkpoint(trainer.state_dict(), tmp_path / "gen" / "last.pt")
+    root, _, _ = cohort
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     out = tmp_path / "out"
-    code = augment_segmentation.main([
-        "--prepared", str(root / "prepared"), "--checkpoint", str(ckpt), "--fractions", "0.5,1.0",
-        "--seeds", "0", "--steps", "2", "--batch-size", "4", "--synthetic-ratio", "1",
-        "--unet-channels", "4,8,16", "--test-fraction", "0.5", "--out", str(out), "--tracking-uri", uri])
-    assert code == 0
+    argv = ["--data-root", str(root / "phantom"), "--generator-steps", "2", "--semi", "--fractions", "0.5,1.0",
+            "--folds", "2", "--seeds", "0", "--ratios", "1", "--unet-steps", "2", "--batch-size", "4",
+            "--unet-channels", "4,8,16", "--pool-size", "16", "--filter-threshold", "0.01", "--out", str(out),
+            "--tracking-uri", uri, *TINY_GVAE]
+    assert augment_segmentation.main(argv) == 0
     df = pd.read_csv(out / "dice.csv")
-    assert set(df["arm"]) == {"real", "real+synthetic"} and sorted(set(df["fraction"])) == [0.5, 1.0]
-    assert len(df) == 4
-    assert {"fraction", "arm", "seed", "n_train_cases", "n_real_slices", "n_synthetic", "dice", "hd95"} <= set(df)
-    assert (df.loc[df["arm"] == "real", "n_synthetic"] == 0).all()
-    assert (df.loc[df["arm"] != "real", "n_synthetic"] > 0).all()
-    assert df["dice"].between(0, 1).all()
-    assert df.groupby("fraction")["n_train_cases"].first().to_dict() == {0.5: 1, 1.0: 2}  # of 2 train cases
+    half = {"real", "real+classic", "real+classic+sup1", "real+classic+semi1", "tstr-sup", "tstr-semi"}
+    assert half <= set(df.loc[df["fraction"] == 0.5, "arm"])
+    assert "real+classic+semi1" not in set(df.loc[df["fraction"] == 1.0, "arm"])
+    assert set(df["fold"]) == {0, 1} and df["dice"].between(0, 1).all()
+    assert (df.loc[df["arm"].isin(["real", "real+classic"]), "n_synthetic"] == 0).all()
+    assert (df.loc[df["arm"].str.startswith("tstr"), "n_synthetic"] > 0).all()
+    semi = df[df["arm"] == "real+classic+semi1"]
+    assert (semi["n_unlabelled_cases"] > 0).all() and (semi["n_labelled_cases"] == 1).all()
+    generators = list((out / "generators").iterdir())
+    assert len(generators) == 6  # per fold: f0.5 supervised + semi-supervised, f1.0 supervised
+    for g in generators:
+        rec = json.loads((g / "split.json").read_text())
+        assert not set(rec["train"]) & set(rec["test"])
+    summary = pd.read_csv(out / "summary.csv")
+    assert {"diff_vs_real+classic", "ci95_low", "ci95_high", "n_pairs"} <= set(summary.columns)
     assert (out / "dice.png").stat().st_size > 0
-    split = json.loads((out / "split.json").read_text())
-    assert not set(split["train"]) & set(split["test"])
+    n = len(df)
+    assert augment_segmentation.main(argv) == 0  # resumed: nothing recomputed
+    assert len(pd.read_csv(out / "dice.csv")) == n
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("pancreas-gvae-segmentation")
     runs = client.search_runs([exp.experiment_id])
-    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    assert len(parents) == 1 and len(children) == 4
-    assert parents[0].data.tags["leakage_check"] == "unverified"  # this checkpoint has no split.json
+    parents = [r for r in runs if r.data.tags.get("kind") == "downstream"]
+    assert len(parents) == 2 and all(p.info.status == "FINISHED" for p in parents)
+    ids = {p.info.run_id for p in parents}
+    rows = [r for r in runs if r.data.tags.get("mlflow.parentRunId") in ids and r.info.run_name.startswith(("real",
+                                                                                                          "tstr"))]
+    assert len(rows) == n, "one child run per row, none added by the resumed run"
+    generator_runs = [r for r in runs if r.data.tags.get("purpose") == "downstream-generator"]
+    assert len(generator_runs) == 6 and all(r.data.tags["mlflow.parentRunId"] in ids for r in generator_runs)
     text = str([r.data.params for r in runs]) + str([r.data.tags for r in runs])
-    assert "PANCREAS_" not in text  # case ids never reach MLflow
+    assert "PANCREAS_" not in text and "case_0" not in text  # case ids never reach MLflow
