@@ -244,18 +244,21 @@ class ClassicAugmentation:
 def train_unet(real: SliceSet, synthetic: SliceSet | None, *, steps: int, batch_size: int, ratio: float,
                seed: int, lr: float = 1e-3, pos_fraction: float | None = 0.6,
                channels: Sequence[int] = (16, 32, 64, 128), log=None, augment: bool = False,
-               callback=None, callback_every: int = 0) -> tuple[torch.nn.Module, list[float]]:
+               callback=None, callback_every: int = 0,
+               device: str | torch.device | None = None) -> tuple[torch.nn.Module, list[float]]:
     """Train a 2D UNet for ``steps`` batches of ``batch_size`` (real slices oversampled towards pancreas).
 
     ``augment``: :class:`ClassicAugmentation` on every batch (real and synthetic alike). ``callback(step,
     model)`` runs every ``callback_every`` steps (a learning curve; the model is put back in train mode).
+    ``device``: default CUDA when there is one (slices are drawn and augmented on the CPU, then moved).
     """
     from monai.losses import DiceCELoss
 
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(seed)
     rng = np.random.default_rng([seed, 31337])
     n_real, n_syn = split_batch(batch_size, ratio if synthetic is not None and len(synthetic) else 0.0)
-    model = build_unet(channels)
+    model = build_unet(channels).to(device)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     weights = _real_weights(real, pos_fraction)
@@ -270,6 +273,7 @@ def train_unet(real: SliceSet, synthetic: SliceSet | None, *, steps: int, batch_
             x, y = torch.cat([x, synthetic.image[sidx]]), torch.cat([y, synthetic.label[sidx]])
         if augmenter is not None:
             x, y = augmenter(x, y)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         opt.zero_grad(set_to_none=True)
         loss = loss_fn(model(x), y)
         loss.backward()
@@ -309,9 +313,11 @@ def budget_from_curve(steps: Sequence[int], dice: Sequence[float], *, tolerance:
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-    """Binary pancreas masks ``(N, 1, H, W)`` (argmax of the two classes)."""
+    """Binary pancreas masks ``(N, 1, H, W)`` on the CPU (argmax of the two classes), computed on the model's device."""
     model.eval()
-    out = [model(images[i:i + batch_size]).argmax(1, keepdim=True) for i in range(0, len(images), batch_size)]
+    device = next(model.parameters(), torch.empty(0)).device  # a parameter-free stand-in runs on the CPU
+    out = [model(images[i:i + batch_size].to(device)).argmax(1, keepdim=True).cpu()
+           for i in range(0, len(images), batch_size)]
     return torch.cat(out).float()
 
 
