@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -201,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
                             resume=checkpoint_path(run_dir).is_file(),  # a killed training continues
                             run_name=name, tags={"dataset": data.dataset, "model": model, "seed": str(seed),
                                                  "mlflow.parentRunId": parent_id}, progress=False)
+            if (run_dir / "samples.png").is_file():  # the grid of this budget (the next budget overwrites it)
+                shutil.copyfile(run_dir / "samples.png", run_dir / f"samples-{budget}.png")
             t0 = time.perf_counter()
             metrics = evaluate_model(res.trainer.model, res.trainer.ema_generator, data,
                                      latent_dim=cfg.model.latent_dim, seed=seed, iwae_k=args.iwae_k,
