@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -64,6 +65,16 @@ def prepare_cohort(ct, root, prepared, data_cfg, *, labels, layout, pancreas_lab
     return manifest, sorted(manifest.loc[manifest["status"] == "ok", "case_id"].astype(str))
 
 
+def prepare_main_cohort(ct, args, cfg, data_cfg) -> tuple[Path, object, list[str]]:
+    """``args.data_root`` (default: the embedded phantom cohort under OUT/phantom) prepared into OUT/prepared:
+    ``(prepared, manifest, ok case ids)``; ``args`` carries ``out, data_root, labels, layout, pancreas_label``."""
+    root = args.data_root or ct.ensure_phantom(args.out / "phantom", cfg.data.get("phantom", {}))
+    prepared = args.out / "prepared"
+    manifest, cases = prepare_cohort(ct, root, prepared, data_cfg, labels=args.labels, layout=args.layout,
+                                     pancreas_label=args.pancreas_label)
+    return prepared, manifest, cases
+
+
 def ct_eval_data(args, cfg):
     """Held-out CT data: an external cohort (``args.test_data_root``) or a case-level split of the one cohort.
 
@@ -78,12 +89,7 @@ def ct_eval_data(args, cfg):
 
     data_cfg = ct.data_config(cfg)
     ct.check_model_matches_data(cfg, data_cfg)
-    data_root = args.data_root or args.out / "phantom"
-    if args.data_root is None:
-        ct.ensure_phantom(data_root, cfg.data.get("phantom", {}))
-    prepared = args.out / "prepared"
-    manifest, cases = prepare_cohort(ct, data_root, prepared, data_cfg, labels=args.labels, layout=args.layout,
-                                      pancreas_label=args.pancreas_label)
+    prepared, manifest, cases = prepare_main_cohort(ct, args, cfg, data_cfg)
     external = getattr(args, "test_data_root", None)
     if external is not None:
         test_prepared = args.out / "prepared-test"
@@ -96,7 +102,7 @@ def ct_eval_data(args, cfg):
                       f"training on all {len(cases)} case(s) of --data-root")
     else:
         if len(cases) < 2:
-            raise PipelineError(f"a held-out split by case needs >= 2 usable cases; {len(cases)} under {data_root}")
+            raise PipelineError(f"a held-out split by case needs >= 2 usable cases; {len(cases)} in {prepared}")
         split = S.split_cases(cases, test_fraction=args.test_fraction, seed=0)
         train_cases, test_cases = list(split.train), list(split.test)
         test_prepared = prepared

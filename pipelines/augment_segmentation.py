@@ -40,7 +40,7 @@ from pancreas_gvae.config import load_config
 from pancreas_gvae.ct.config import fit_options
 from pancreas_gvae.ct.discovery import LAYOUTS
 from pancreas_gvae.errors import PipelineError, run_cli
-from pancreas_gvae.evaluation_data import prepare_cohort
+from pancreas_gvae.evaluation_data import prepare_cohort, prepare_main_cohort
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -105,10 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     data = ct.data_config(gcfg)
     ct.check_model_matches_data(gcfg, data)
     args.out.mkdir(parents=True, exist_ok=True)
-    root = args.data_root or ct.ensure_phantom(args.out / "phantom", gcfg.data.get("phantom", {}))
-    prepared = args.out / "prepared"
-    manifest, cases = prepare_cohort(ct, root, prepared, data, labels=args.labels, layout=args.layout,
-                                     pancreas_label=args.pancreas_label)
+    prepared, manifest, cases = prepare_main_cohort(ct, args, gcfg, data)
     size, fit, pixel_mm = data.sampling.slice_size, fit_options(data), seg.slice_pixel_mm(data)
     if args.test_data_root is not None:
         test_prepared = args.out / "prepared-test"

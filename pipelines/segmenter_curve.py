@@ -31,7 +31,7 @@ from pancreas_gvae.config import load_config
 from pancreas_gvae.ct.config import fit_options
 from pancreas_gvae.ct.discovery import LAYOUTS
 from pancreas_gvae.errors import PipelineError, run_cli
-from pancreas_gvae.evaluation_data import prepare_cohort
+from pancreas_gvae.evaluation_data import prepare_main_cohort
 
 ARMS = ("none", "classic")
 
@@ -74,12 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, args.overrides)
     data_cfg = ct.data_config(cfg)
     args.out.mkdir(parents=True, exist_ok=True)
-    data_root = args.data_root or args.out / "phantom"
-    if args.data_root is None:
-        ct.ensure_phantom(data_root, cfg.data.get("phantom", {}))
-    prepared = args.out / "prepared"
-    manifest, cases = prepare_cohort(ct, data_root, prepared, data_cfg, labels=args.labels, layout=args.layout,
-                                     pancreas_label=args.pancreas_label)
+    prepared, manifest, cases = prepare_main_cohort(ct, args, cfg, data_cfg)
     train_cases = S.split_cases(cases, test_fraction=args.test_fraction, seed=0).train
     fit_val = S.split_cases(train_cases, test_fraction=args.val_fraction, seed=1)
     size, fit = data_cfg.sampling.slice_size, fit_options(data_cfg)
