@@ -52,3 +52,19 @@ def save_png(grid: np.ndarray, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid).save(path)
     return path
+
+
+def side_by_side(panels: dict[str, np.ndarray], *, gap: int = 8, label_height: int = 14) -> np.ndarray:
+    """Grids (``image_grid`` outputs) next to each other, each under its label: "real | GVAE | VAE | GAN"."""
+    from PIL import ImageDraw
+
+    height = max(g.shape[0] for g in panels.values())
+    width = sum(g.shape[1] for g in panels.values()) + gap * (len(panels) - 1)
+    canvas = Image.new("RGB", (width, height + label_height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    left = 0
+    for label, grid in panels.items():
+        canvas.paste(Image.fromarray(grid), (left, label_height))
+        draw.text((left + 2, 1), label, fill=(0, 0, 0))
+        left += grid.shape[1] + gap
+    return np.asarray(canvas)

@@ -116,6 +116,36 @@ def _checkpoint_step(run_dir: Path) -> int:
     return int(load_checkpoint(path)["step"]) if path.is_file() else 0
 
 
+GRID_N = 16  # prior samples (and held-out slices) per model in the comparison grids
+
+
+def _save_sample_grid(generator, latent_dim: int, mask_channels: int, seed: int, path: Path) -> Path:
+    """``GRID_N`` prior samples of the EMA generator from a seeded code (the same codes for every model)."""
+    from pancreas_gvae.synthetic import generate
+    from pancreas_gvae.viz import image_grid, save_png
+
+    device = next(generator.parameters()).device
+    x = generate(generator, GRID_N, latent_dim=latent_dim, seed=seed, device=device)
+    return save_png(image_grid(x, nrow=4, mask_channels=mask_channels), path)
+
+
+def _compare_grids(data, models: list[str], seed: int, budget: int, out: Path) -> Path | None:
+    """OUT/grid-<budget>.png: held-out real slices next to each model's prior samples (first seed)."""
+    import numpy as np
+    from PIL import Image
+
+    from pancreas_gvae.viz import image_grid, save_png, side_by_side
+
+    panels = {"real (held-out)": image_grid(data.test[:GRID_N], nrow=4, mask_channels=data.mask_channels)}
+    for model in models:
+        path = out / "grids" / f"{model}-s{seed}-{budget}.png"
+        if path.is_file():
+            panels[f"{model.upper()} ({budget} steps)"] = np.asarray(Image.open(path).convert("RGB"))
+    if len(panels) == 1:
+        return None
+    return save_png(side_by_side(panels), out / f"grid-{budget}.png")
+
+
 def _plot_learning_curves(frame, out: Path) -> list[Path]:
     """OUT/curve-<metric>.png: each model's mean over seeds against training steps."""
     from pancreas_gvae.evaluation import plot_curves
@@ -204,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
                                                  "mlflow.parentRunId": parent_id}, progress=False)
             if (run_dir / "samples.png").is_file():  # the grid of this budget (the next budget overwrites it)
                 shutil.copyfile(run_dir / "samples.png", run_dir / f"samples-{budget}.png")
+            _save_sample_grid(res.trainer.ema_generator, cfg.model.latent_dim, data.mask_channels, seed,
+                              args.out / "grids" / f"{model}-s{seed}-{budget}.png")
             t0 = time.perf_counter()
             metrics = evaluate_model(res.trainer.model, res.trainer.ema_generator, data,
                                      latent_dim=cfg.model.latent_dim, seed=seed, iwae_k=args.iwae_k,
@@ -228,6 +260,10 @@ def main(argv: list[str] | None = None) -> int:
             frame = results_frame(rows)
             frame.to_csv(args.out / "results.csv", index=False)  # partial table survives an interruption
         frame = results_frame(rows)
+        for budget in budgets:
+            grid = _compare_grids(data, models, seeds[0], budget, args.out)
+            if grid is not None:
+                client.log_artifact(parent_id, str(grid))
         if len(budgets) > 1:
             for path in _plot_learning_curves(frame, args.out):
                 client.log_artifact(parent_id, str(path))

@@ -80,6 +80,9 @@ def test_several_budgets_give_a_learning_curve_from_one_training(tmp_path, mnist
     md = (out / "results.md").read_text()
     assert "## mnist, 2 steps" in md and "## mnist, 4 steps" in md
     assert (out / "curve-fid_feature.png").is_file()
+    from PIL import Image
+    grids = [Image.open(out / f"grid-{n}.png") for n in (2, 4)]  # real | GVAE | GAN at each budget
+    assert all(g.width > 2.5 * g.height for g in grids)
     run = MlflowClient(tracking_uri=uri).get_metric_history(frame["run_id"].iloc[0], "eval/fid_feature")
     assert sorted(m.step for m in run) == [2, 4]
     assert evaluate.main(argv) == 0
