@@ -121,7 +121,7 @@ def check_generator_split(checkpoint: str | Path, split: CaseSplit) -> str:
             if leaked:
                 raise PipelineError(f"the generator at {ckpt} was trained on {len(leaked)} of this split's "
                                     f"test case(s) (see {path}): synthetic slices would leak the test set. "
-                                    "Use the same --split-seed / --test-fraction or --train-generator-steps")
+                                    "Train the generator on this split's training cases only (a new --out)")
             return "ok"
     return "unverified"
 

@@ -134,6 +134,9 @@ def infer_geometry(config: Config) -> Geometry:
     if spacing is not None:
         notes.append(f"spacing {spacing[0]:g} x {spacing[1]:g} mm from data.ct.sampling.fov_mm / slice_size "
                      "(fit = resize) or data.ct.preprocess.spacing (fit = crop)")
+    if data.sampling.centre == "pancreas":
+        notes.append("the training window was centred on each slice's pancreas (data.ct.sampling.centre): a slice's "
+                     "origin is not a fixed place in a patient")
     return Geometry(spacing, window, tuple(notes))
 
 

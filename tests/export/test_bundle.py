@@ -272,5 +272,6 @@ def test_display_values_of_an_unknown_window_are_not_exported_as_hu():
     configs = Path(__file__).resolve().parents[2] / "configs"
     geo = infer_geometry(load_config(configs / "ct_nih2d.yaml"))
     assert geo.window is None and "unknown window" in " ".join(geo.notes)
-    assert geo.spacing == (200.0 / 64, 200.0 / 64)
+    assert geo.spacing == (102.4 / 64, 102.4 / 64)  # configs/ct_nih2d.yaml: 102.4 mm window, 64 px
+    assert "centred on each slice's pancreas" in " ".join(geo.notes)
     assert infer_geometry(load_config(configs / "ct_64.yaml")).window == (-125.0, 275.0)
