@@ -153,10 +153,13 @@ def synthetic_pool(checkpoint: Path, n: int, *, seed: int) -> S.SliceSet:
 def filter_by_agreement(pool: S.SliceSet, judge: torch.nn.Module, threshold: float) -> S.SliceSet:
     """The pairs whose mask a real-trained UNet agrees with: per-pair Dice >= ``threshold`` (an empty mask
     with an empty prediction agrees)."""
+    from monai.metrics import DiceMetric
+    from monai.networks.utils import one_hot
+
     pred = S.predict(judge, pool.image)
-    inter = (pred * pool.label).flatten(1).sum(1)
-    total = pred.flatten(1).sum(1) + pool.label.flatten(1).sum(1)
-    dice = torch.where(total > 0, 2 * inter / total.clamp_min(1), torch.ones_like(total))
+    # per pair; ignore_empty=False scores an empty mask with an empty prediction 1 (as evaluate_predictions' dice_all)
+    dice = DiceMetric(include_background=False, reduction="none", ignore_empty=False)(
+        one_hot(pred, 2), one_hot((pool.label > 0.5).float(), 2))[:, 0]
     keep = dice >= threshold
     return S.SliceSet(pool.image[keep], pool.label[keep], [c for c, k in zip(pool.case_id, keep) if k])
 
