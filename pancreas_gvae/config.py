@@ -20,6 +20,7 @@ import yaml
 from pancreas_gvae.errors import PipelineError
 
 MODEL_KINDS = ("gvae", "vae", "gan")
+GENERATOR_UPSAMPLE = ("transposed", "nearest")
 
 
 @dataclass
@@ -35,6 +36,10 @@ class ModelConfig:
     num_res_units: int = 0  # MONAI ResidualUnits after each level
     encoder_norm: str | None = "batch"
     generator_norm: str | None = "batch"
+    # How G doubles its resolution: "transposed" (stride-2 transposed convolution, DCGAN) or "nearest"
+    # (nearest-neighbour upsampling, then a 3x3 convolution: no checkerboard, Odena et al. 2016; ~4x the
+    # FLOPs of those levels).
+    generator_upsample: str = "transposed"
     discriminator_norm: str | None = None  # spectral norm is the default stabiliser for D
     spectral_norm: bool = True
 
@@ -126,6 +131,10 @@ class Config:
             )
         if not 0 <= m.mask_channels < m.in_channels:
             raise PipelineError("model.mask_channels must be smaller than model.in_channels")
+        if m.generator_upsample not in GENERATOR_UPSAMPLE:
+            raise PipelineError(
+                f"model.generator_upsample must be one of {', '.join(GENERATOR_UPSAMPLE)}, got {m.generator_upsample!r}"
+            )
         if self.loss.adversarial not in ("nonsaturating", "hinge"):
             raise PipelineError(f"loss.adversarial must be nonsaturating or hinge, got {self.loss.adversarial!r}")
         from pancreas_gvae.diffaugment import parse_policy

@@ -62,6 +62,7 @@ def generator_kwargs(model: ModelConfig) -> dict[str, Any]:
         "latent_dim": int(model.latent_dim),
         "num_res_units": int(model.num_res_units),
         "norm": model.generator_norm,
+        "upsample": model.generator_upsample,
     }
 
 

@@ -25,7 +25,7 @@ class GenerativeModel(nn.Module):
             if cfg.kind in ("gvae", "vae") else None
         )
         self.generator = Generator(out_channels=cfg.in_channels, channels=cfg.channels, latent_dim=cfg.latent_dim,
-                                   norm=cfg.generator_norm, **common)
+                                   norm=cfg.generator_norm, upsample=cfg.generator_upsample, **common)
         self.discriminator = (
             Discriminator(in_channels=cfg.in_channels, channels=cfg.disc_channels or cfg.channels,
                           norm=cfg.discriminator_norm, spectral_norm=cfg.spectral_norm, **common)

@@ -11,18 +11,32 @@ import math
 from collections.abc import Sequence
 
 import torch
-from monai.networks.blocks import Convolution, ResidualUnit
+from monai.networks.blocks import Convolution, ResidualUnit, UpSample
 from torch import nn
 
 LEAKY = ("leakyrelu", {"negative_slope": 0.2, "inplace": False})
 
 
 def _level(spatial_dims: int, cin: int, cout: int, *, norm, act, res_units: int,
-           transposed: bool = False, first_norm: bool = True) -> nn.Sequential:
-    layers: list[nn.Module] = [
-        Convolution(spatial_dims, cin, cout, strides=2, kernel_size=3, is_transposed=transposed,
-                    act=act, norm=norm if first_norm else None, adn_ordering="NDA")
-    ]
+           transposed: bool = False, first_norm: bool = True, upsample: str = "transposed") -> nn.Sequential:
+    """One resolution level: halve (encoder, D) or double (``transposed=True``: G) the grid, then residual units.
+
+    G doubles with a stride-2 transposed convolution (``upsample="transposed"``) or with nearest-neighbour
+    upsampling followed by a 3x3 convolution (``"nearest"``), which cannot draw the checkerboard that uneven
+    kernel overlap gives transposed convolutions (Odena et al. 2016).
+    """
+    norm_first = norm if first_norm else None
+    if transposed and upsample == "nearest":
+        layers: list[nn.Module] = [
+            UpSample(spatial_dims, scale_factor=2, mode="nontrainable", interp_mode="nearest", align_corners=None),
+            Convolution(spatial_dims, cin, cout, strides=1, kernel_size=3, act=act, norm=norm_first,
+                        adn_ordering="NDA"),
+        ]
+    else:
+        layers = [
+            Convolution(spatial_dims, cin, cout, strides=2, kernel_size=3, is_transposed=transposed,
+                        act=act, norm=norm_first, adn_ordering="NDA")
+        ]
     layers += [ResidualUnit(spatial_dims, cout, cout, subunits=2, act=act, norm=norm) for _ in range(res_units)]
     return nn.Sequential(*layers)
 
@@ -77,7 +91,8 @@ class Generator(nn.Module):
     """``G(z) -> logits``; images are ``sigmoid(logits)`` in [0, 1], every channel (CT and mask)."""
 
     def __init__(self, *, spatial_dims: int, out_channels: int, image_size: int, channels: Sequence[int],
-                 latent_dim: int, num_res_units: int = 0, norm: str | None = "batch"):
+                 latent_dim: int, num_res_units: int = 0, norm: str | None = "batch",
+                 upsample: str = "transposed"):
         super().__init__()
         self.spatial_dims = spatial_dims
         self.latent_dim = latent_dim
@@ -85,7 +100,8 @@ class Generator(nn.Module):
         widths = list(reversed(channels))
         self.project = nn.Linear(latent_dim, widths[0] * self.bottom**spatial_dims)
         self.up = nn.Sequential(*[
-            _level(spatial_dims, a, b, norm=norm, act="relu", res_units=num_res_units, transposed=True)
+            _level(spatial_dims, a, b, norm=norm, act="relu", res_units=num_res_units, transposed=True,
+                   upsample=upsample)
             for a, b in zip(widths, [*widths[1:], widths[-1]])
         ])
         self.out = Convolution(spatial_dims, widths[-1], out_channels, kernel_size=3, conv_only=True)

@@ -18,11 +18,12 @@ def test_parts_per_kind(kind, has_e, has_d):
     assert m.generator is not None
 
 
+@pytest.mark.parametrize("upsample", ["transposed", "nearest"])
 @pytest.mark.parametrize("dims,size,channels", [(2, 28, "[8,16]"), (2, 32, "[8,16,16]"), (3, 16, "[4,8]")])
-def test_shapes_are_dimension_generic(dims, size, channels):
+def test_shapes_are_dimension_generic(dims, size, channels, upsample):
     cfg = _cfg(**{"model.spatial_dims": dims, "model.image_size": size, "model.channels": channels,
                   "model.in_channels": 2, "model.mask_channels": 1, "model.latent_dim": 8,
-                  "model.num_res_units": 1})
+                  "model.num_res_units": 1, "model.generator_upsample": upsample})
     m = build_model(cfg.model)
     x = torch.rand(3, 2, *([size] * dims))
     mu, logvar = m.encode(x)
@@ -55,3 +56,30 @@ def test_gan_has_no_encoder_message():
     m = build_model(_cfg(**{"model.kind": "gan"}).model)
     with pytest.raises(ValueError, match="no encoder"):
         m.encode(torch.rand(1, 1, 28, 28))
+
+
+@pytest.mark.parametrize("upsample,flat", [("transposed", False), ("nearest", True)])
+def test_nearest_upsampling_draws_no_checkerboard(upsample, flat):
+    """A constant feature map stays flat through a nearest + 3x3 level; a stride-2 transposed one tiles it.
+
+    Uneven kernel overlap makes the transposed convolution's output alternate with period 2 (Odena et al.
+    2016): the checkerboard in the NIH grids of docs/results.md. Interior pixels only (padding edges differ).
+    """
+    from pancreas_gvae.models.networks import _level
+
+    torch.manual_seed(0)
+    level = _level(2, 4, 4, norm=None, act=None, res_units=0, transposed=True, upsample=upsample)
+    with torch.no_grad():
+        out = level(torch.ones(1, 4, 8, 8))[..., 2:-2, 2:-2]
+    assert out.shape[-1] == 12
+    spread = (out - out.mean(dim=(-2, -1), keepdim=True)).abs().amax().item()
+    assert (spread < 1e-5) == flat, spread
+    nets = build_model(_cfg(**{"model.generator_upsample": upsample}).model).generator
+    assert any(isinstance(m, torch.nn.ConvTranspose2d) for m in nets.modules()) == (not flat)
+
+
+def test_generator_upsample_is_checked():
+    from pancreas_gvae.errors import PipelineError
+
+    with pytest.raises(PipelineError, match="generator_upsample"):
+        _cfg(**{"model.generator_upsample": "bilinear"})
