@@ -7,7 +7,7 @@
         --seeds 0 --ratios 0.5,1,2 --semi --unet-steps 2000 --out ~/pgvae-runs/downstream-nih
     # the phantom (the quick one): no --data-root
 
-Protocol (details: pancreas_gvae/downstream.py)
+Protocol (details: pancreas_gvae/segmentation/experiment.py)
   * patients are cut into --folds seeded folds; each fold is the test set once (or: --test-data-root, an
     external cohort's patients, with every --data-root patient for training);
   * fraction f: round(f * n_train) labelled training patients (>= 1), drawn with the seed, nested;
@@ -34,13 +34,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from pancreas_gvae import downstream as D
-from pancreas_gvae import segmentation as seg
+from pancreas_gvae.segmentation import experiment as D
+from pancreas_gvae.segmentation import unet as seg
 from pancreas_gvae.config import load_config
-from pancreas_gvae.ct.config import fit_options
-from pancreas_gvae.ct.discovery import LAYOUTS
+from pancreas_gvae.data.ct.config import fit_options
+from pancreas_gvae.data.ct.discovery import LAYOUTS
 from pancreas_gvae.errors import PipelineError, run_cli
-from pancreas_gvae.evaluation_data import prepare_cohort, prepare_main_cohort
+from pancreas_gvae.evaluation.heldout import prepare_cohort, prepare_main_cohort
 
 REPO = Path(__file__).resolve().parents[1]
 

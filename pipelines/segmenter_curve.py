@@ -26,12 +26,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from pancreas_gvae import segmentation as S
+from pancreas_gvae.segmentation import unet as S
 from pancreas_gvae.config import load_config
-from pancreas_gvae.ct.config import fit_options
-from pancreas_gvae.ct.discovery import LAYOUTS
+from pancreas_gvae.data.ct.config import fit_options
+from pancreas_gvae.data.ct.discovery import LAYOUTS
 from pancreas_gvae.errors import PipelineError, run_cli
-from pancreas_gvae.evaluation_data import prepare_main_cohort
+from pancreas_gvae.evaluation.heldout import prepare_main_cohort
 
 ARMS = ("none", "classic")
 
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     import mlflow
 
     from pancreas_gvae.training import ct
-    from pancreas_gvae.evaluation import plot_curves
+    from pancreas_gvae.evaluation.compare import plot_curves
 
     args = parse_args(argv)
     arms = [a for a in args.augment.split(",") if a]

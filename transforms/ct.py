@@ -15,7 +15,7 @@ Deterministic chain (:func:`build_preprocess_chain`), on ``{"image": <ordered DI
     ScaleIntensityRanged  HU window -> [0, 1], clipped
 
 An image-only case (no label) runs the chain on ``image`` alone, without the two label steps.
-Every check raises :class:`~pancreas_gvae.ct.checks.CaseExcluded`; MONAI wraps errors raised inside
+Every check raises :class:`~pancreas_gvae.data.ct.checks.CaseExcluded`; MONAI wraps errors raised inside
 ``Compose`` in a RuntimeError, so callers use :func:`unwrap_exclusion` to get it back. Non-fatal findings
 are appended to ``d["qc"]["notes"]``.
 """
@@ -47,7 +47,7 @@ from monai.transforms import (
 )
 from monai.utils import ensure_tuple
 
-from pancreas_gvae.ct.checks import (
+from pancreas_gvae.data.ct.checks import (
     CaseExcluded,
     check_affine,
     check_finite,
@@ -56,8 +56,8 @@ from pancreas_gvae.ct.checks import (
     hu_outlier_note,
     label_hu_stats,
 )
-from pancreas_gvae.ct.config import DataConfig, InputIntensityConfig
-from pancreas_gvae.ct.pairing import (
+from pancreas_gvae.data.ct.config import DataConfig, InputIntensityConfig
+from pancreas_gvae.data.ct.pairing import (
     check_label_extent,
     non_integer_label_note,
     pancreas_mask,
@@ -72,7 +72,7 @@ class DicomSeriesReader(ITKReader):
     """MONAI's ITKReader, fed an explicit ordered list of slice files instead of a folder.
 
     On a folder ITKReader lets GDCM group and order the files (first series UID wins); we pass the series
-    chosen and ordered by :func:`pancreas_gvae.ct.dicom_series.scan_dicom_files` so both are explicit and
+    chosen and ordered by :func:`pancreas_gvae.data.ct.dicom_series.scan_dicom_files` so both are explicit and
     reported. ITK's GDCM decodes compressed transfer syntaxes (JPEG 2000 included). Only spacing is kept
     as metadata: DICOM tags (patient name, dates, UIDs) never enter the MetaTensor.
     """
@@ -166,7 +166,7 @@ class LoadCTd(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             src = d[key]
-            if isinstance(src, MetaTensor):  # already read: a 2D slice set's stack (pancreas_gvae.ct.slice_sets)
+            if isinstance(src, MetaTensor):  # already read: a 2D slice set's stack (pancreas_gvae.data.ct.slice_sets)
                 check_affine(_affine(src), f"{key} (slice stack)", self.max_shear_degrees)
                 continue
             is_dicom = isinstance(src, (list, tuple))
@@ -190,7 +190,7 @@ class LoadCTd(MapTransform):
 
 
 class InputIntensityd(MapTransform):
-    """Apply the cohort's input intensity mapping (:class:`~pancreas_gvae.ct.config.InputIntensityConfig`).
+    """Apply the cohort's input intensity mapping (:class:`~pancreas_gvae.data.ct.config.InputIntensityConfig`).
 
     ``hu``: nothing to do. ``display``: values outside ``display_range`` mean the declaration is wrong
     (``implausible_hu``); with a known ``window`` the values are mapped back to HU in place (the window's
@@ -448,7 +448,7 @@ def build_preprocess_chain(cfg: DataConfig, pancreas_values: Sequence[int], *, h
 def build_sampling_chain(cfg: DataConfig) -> Compose:
     """Random part for 3D (or 2D, with a patch depth of 1) patches from a cached case dict.
 
-    Input: :func:`transforms.cache.case_as_dict` (``image``/``label`` as ``(1, slices, rows, cols)``);
+    Input: :func:`pancreas_gvae.transforms.cache.case_as_dict` (``image``/``label`` as ``(1, slices, rows, cols)``);
     output: ``patch_num_samples`` dicts with ``patch_size`` patches, a ``patch_pos : patch_neg`` share
     centred on pancreas.
     """

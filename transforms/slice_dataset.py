@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from pancreas_gvae.errors import DataError
-from transforms.cache import META_NAME, cache_root, load_cached_case
+from pancreas_gvae.transforms.cache import META_NAME, cache_root, load_cached_case
 
 FIT_MODES = ("resize", "crop")
 
@@ -33,7 +33,7 @@ def _ok_cases(root: Path, manifest: pd.DataFrame | str | Path | None) -> dict[st
     if manifest is None:
         return {p.name: None for p in sorted(root.iterdir()) if (p / META_NAME).is_file()}
     if not isinstance(manifest, pd.DataFrame):
-        from pancreas_gvae.ct.manifest import read_manifest
+        from pancreas_gvae.data.ct.manifest import read_manifest
 
         manifest = read_manifest(manifest)
     ok = manifest[manifest["status"] == "ok"]
@@ -151,8 +151,8 @@ class CTSliceDataset(Dataset):
     def from_config(cls, cache_dir: str | Path, cfg, manifest: pd.DataFrame | str | Path | None = None, *,
                     cases: Iterable[str] | None = None, seed: int = 0,
                     withhold_labels: Iterable[str] = ()) -> CTSliceDataset:
-        """The dataset as ``cfg.sampling`` (a :class:`~pancreas_gvae.ct.config.DataConfig`) describes it."""
-        from pancreas_gvae.ct.config import fit_options
+        """The dataset as ``cfg.sampling`` (a :class:`~pancreas_gvae.data.ct.config.DataConfig`) describes it."""
+        from pancreas_gvae.data.ct.config import fit_options
 
         s = cfg.sampling
         return cls(cache_dir, manifest, size=s.slice_size, pos_fraction=s.pos_fraction,

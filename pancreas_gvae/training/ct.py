@@ -14,16 +14,16 @@ import pandas as pd
 import torch
 
 from pancreas_gvae.config import Config
-from pancreas_gvae.ct.config import DataConfig, data_config_from_dict
-from pancreas_gvae.ct.phantom import make_phantom_cohort
-from pancreas_gvae.ct.prepare import prepare_dataset
+from pancreas_gvae.data.ct.config import DataConfig, data_config_from_dict
+from pancreas_gvae.data.ct.phantom import make_phantom_cohort
+from pancreas_gvae.data.ct.prepare import prepare_dataset
 from pancreas_gvae.errors import DataError, PipelineError
-from pancreas_gvae.export.bundle import export_bundle, infer_geometry
-from pancreas_gvae.synthetic import generate, save_nifti_slices, split_ct_and_mask, window_to_hu
+from pancreas_gvae.synthesis.bundle import export_bundle, infer_geometry
+from pancreas_gvae.synthesis.slices import generate, save_nifti_slices, split_ct_and_mask, window_to_hu
 from pancreas_gvae.training import distributed
 from pancreas_gvae.training.batches import DatasetBatches
-from pancreas_gvae.viz import image_grid, save_png
-from transforms.slice_dataset import CTSliceDataset
+from pancreas_gvae.tracking.images import image_grid, save_png
+from pancreas_gvae.transforms.slice_dataset import CTSliceDataset
 
 # Manifest columns that may leave the preparation folder: no case ids, no paths.
 SHAREABLE_COLUMNS = ["layout", "status", "reason", "has_label", "input_intensity", "shape", "spacing",
@@ -119,7 +119,7 @@ class MaskMonitor:
     """Scores of the EMA generator's prior samples against real slices, at every sampling step of a CT run.
 
     Logged to MLflow as ``mask/...`` (share of samples with a mask vs the real share, shape realism,
-    intensity under the mask: :func:`pancreas_gvae.metrics.mask_scores`) and ``fidelity/...`` (a UNet
+    intensity under the mask: :func:`pancreas_gvae.evaluation.metrics.mask_scores`) and ``fidelity/...`` (a UNet
     trained once, at the start, on real slices of the cohort predicts on the samples; Dice against their
     masks: :func:`pancreas_gvae.segmentation.label_fidelity`). The samples come from fixed codes, so the
     curves compare like with like from step to step. With ``tstr_steps`` > 0 it also trains a UNet on the
@@ -138,8 +138,8 @@ class MaskMonitor:
     def __call__(self, trainer) -> dict[str, float]:
         import math
 
-        from pancreas_gvae import metrics as M
-        from pancreas_gvae import segmentation as S
+        from pancreas_gvae.evaluation import metrics as M
+        from pancreas_gvae.segmentation import unet as S
 
         samples = generate(trainer.ema_generator, self.n_samples, latent_dim=self.latent_dim, seed=self.seed,
                            device=trainer.device)
@@ -158,8 +158,8 @@ class MaskMonitor:
 def mask_monitor(prepared: Path, manifest: pd.DataFrame, data: DataConfig, cfg: Config) -> MaskMonitor:
     """The monitor of a CT run (``data.monitor``: ``n_samples`` 256, ``n_real`` 512, ``segmenter_steps`` 200,
     ``tstr_steps`` 0)."""
-    from pancreas_gvae import segmentation as S
-    from pancreas_gvae.ct.config import slice_spacing_mm
+    from pancreas_gvae.segmentation import unet as S
+    from pancreas_gvae.data.ct.config import slice_spacing_mm
 
     opts = dict(cfg.data.get("monitor", {}) or {})
     unknown = set(opts) - {"n_samples", "n_real", "segmenter_steps", "tstr_steps"}

@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from pancreas_gvae import losses as L
-from pancreas_gvae.diffaugment import diff_augment
+from pancreas_gvae.training import losses as L
+from pancreas_gvae.training.diffaugment import diff_augment
 from pancreas_gvae.models.gvae import reparameterize
 from pancreas_gvae.training import distributed
 

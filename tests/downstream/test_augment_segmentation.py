@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from pancreas_gvae import segmentation as seg
+from pancreas_gvae.segmentation import unet as seg
 from pancreas_gvae.errors import PipelineError
 
 TINY_GVAE = ["--set", "model.channels=[8,16,32]", "--set", "model.latent_dim=8", "--set", "train.batch_size=4",
@@ -21,8 +21,8 @@ TINY_GVAE = ["--set", "model.channels=[8,16,32]", "--set", "model.latent_dim=8",
 def cohort(tmp_path_factory):
     """4 phantom cases at 64 px, prepared with the CT-64 data config (slices fitted to 32 px for speed)."""
     from pancreas_gvae.config import load_config
-    from pancreas_gvae.ct.phantom import make_phantom_cohort
-    from pancreas_gvae.ct.prepare import prepare_dataset
+    from pancreas_gvae.data.ct.phantom import make_phantom_cohort
+    from pancreas_gvae.data.ct.prepare import prepare_dataset
     from pancreas_gvae.training import ct
 
     root = tmp_path_factory.mktemp("seg")
@@ -78,7 +78,7 @@ def test_generators_see_only_their_patients_and_withheld_masks_stay_withheld(coh
     """Supervised: the labelled patients only. Semi-supervised: every training patient's images, masks of
     the labelled ones only (unlabelled items carry has_label 0 and an all-zero mask). Never a test patient;
     split.json records what each saw; a finished generator is reused, not retrained."""
-    from pancreas_gvae import downstream as D
+    from pancreas_gvae.segmentation import experiment as D
 
     root, cfg, manifest = cohort
     cases = seg.ok_cases(manifest)
@@ -119,7 +119,7 @@ def test_generators_see_only_their_patients_and_withheld_masks_stay_withheld(coh
 
 
 def test_patient_folds_test_every_patient_once():
-    from pancreas_gvae import downstream as D
+    from pancreas_gvae.segmentation import experiment as D
 
     ids = [f"P{i:02d}" for i in range(10)]
     folds = D.patient_folds(ids, 3, seed=0)
@@ -132,7 +132,7 @@ def test_patient_folds_test_every_patient_once():
 
 
 def test_arms_and_their_names():
-    from pancreas_gvae import downstream as D
+    from pancreas_gvae.segmentation import experiment as D
 
     arms = D.arms_for([0.5, 1.0], semi=True, fraction=0.25, filter_threshold=0.5)
     assert arms == ["real", "real+classic", "real+classic+sup0.5", "real+classic+sup1", "real+classic+semi0.5",
@@ -146,7 +146,7 @@ def test_arms_and_their_names():
 def test_paired_differences_and_their_interval():
     from scipy import stats
 
-    from pancreas_gvae import downstream as D
+    from pancreas_gvae.segmentation import experiment as D
 
     rows = []
     for fold, (base, aug) in enumerate([(0.50, 0.55), (0.60, 0.62), (0.40, 0.47)]):
@@ -162,7 +162,7 @@ def test_paired_differences_and_their_interval():
 
 
 def test_filter_keeps_the_pairs_the_judge_agrees_with():
-    from pancreas_gvae import downstream as D
+    from pancreas_gvae.segmentation import experiment as D
 
     label = torch.zeros(3, 1, 8, 8)
     label[0, 0, 2:6, 2:6] = 1
@@ -182,7 +182,7 @@ def test_filter_keeps_the_pairs_the_judge_agrees_with():
 def test_cli_runs_every_arm_resumably_with_nested_mlflow_runs(cohort, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from pipelines import augment_segmentation
+    from pancreas_gvae.pipelines import augment_segmentation
 
     root, _, _ = cohort
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -14,7 +14,7 @@ import pytest
 import torch
 from skimage.draw import ellipse
 
-from pancreas_gvae import segmentation as seg
+from pancreas_gvae.segmentation import unet as seg
 from pancreas_gvae.errors import DataError
 
 SIZE = 32

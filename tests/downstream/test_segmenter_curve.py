@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from pancreas_gvae import segmentation as seg
+from pancreas_gvae.segmentation import unet as seg
 from pancreas_gvae.errors import PipelineError
 
 
@@ -58,7 +58,7 @@ def test_learning_curve_scores_the_validation_slices_at_every_interval():
 
 @pytest.mark.slow
 def test_segmenter_curve_cli_on_the_phantom_is_resumable(tmp_path):
-    from pipelines import segmenter_curve
+    from pancreas_gvae.pipelines import segmenter_curve
 
     out = tmp_path / "curve"
     argv = ["--steps", "4", "--every", "2", "--seeds", "0", "--out", str(out), "--tracking-uri",

@@ -27,7 +27,7 @@ from mlflow.tracking import MlflowClient
 
 from pancreas_gvae.config import load_config
 from pancreas_gvae.training import ct
-from pipelines import train_ct
+from pancreas_gvae.pipelines import train_ct
 
 TINY = ["--set", "data.phantom.cases=3", "--set", "data.phantom.size=64", "--batch-size", "8",
         "--set", "model.channels=[8,16,32]", "--set", "model.latent_dim=8", "--set", "train.log_every=1",

@@ -20,7 +20,7 @@ Each module's docstring carries the mathematics and the caveats.
 | feature networks (in-project) | :func:`train_classifier`, :func:`train_slice_autoencoder` | :mod:`.feature_nets` |
 """
 
-from pancreas_gvae.metrics.feature_nets import (
+from pancreas_gvae.evaluation.metrics.feature_nets import (
     SliceAutoencoder,
     SmallClassifier,
     accuracy,
@@ -28,7 +28,7 @@ from pancreas_gvae.metrics.feature_nets import (
     train_classifier,
     train_slice_autoencoder,
 )
-from pancreas_gvae.metrics.fidelity import (
+from pancreas_gvae.evaluation.metrics.fidelity import (
     KernelDistance,
     ModeCoverage,
     PrecisionRecall,
@@ -41,7 +41,7 @@ from pancreas_gvae.metrics.fidelity import (
     mode_coverage,
     precision_recall,
 )
-from pancreas_gvae.metrics.likelihood import (
+from pancreas_gvae.evaluation.metrics.likelihood import (
     ELBOTerms,
     ParzenResult,
     binarize,
@@ -54,7 +54,7 @@ from pancreas_gvae.metrics.likelihood import (
     parzen_log_likelihood,
     select_parzen_bandwidth,
 )
-from pancreas_gvae.metrics.masks import (
+from pancreas_gvae.evaluation.metrics.masks import (
     SHAPE_FEATURES,
     intensity_under_mask_distance,
     mask_scores,
@@ -62,13 +62,13 @@ from pancreas_gvae.metrics.masks import (
     mask_shape_features,
     mask_share,
 )
-from pancreas_gvae.metrics.memorisation import (
+from pancreas_gvae.evaluation.metrics.memorisation import (
     MemorisationResult,
     MemorisationSpace,
     memorisation_check,
     nearest_neighbours,
 )
-from pancreas_gvae.metrics.mmd import (
+from pancreas_gvae.evaluation.metrics.mmd import (
     DEFAULT_BANDWIDTH_FACTORS,
     gaussian_bandwidths,
     median_heuristic,
@@ -78,7 +78,7 @@ from pancreas_gvae.metrics.mmd import (
     subsample,
     unbiased_mmd2,
 )
-from pancreas_gvae.metrics.ssim import (
+from pancreas_gvae.evaluation.metrics.ssim import (
     MSSSIMSettings,
     ReconstructionError,
     ms_ssim_diversity,

@@ -1,7 +1,7 @@
 """Issue 5: train GVAE, VAE and GAN with one budget, evaluate them on held-out data, tabulate.
 
 The metric definitions are those of ``/work/shared/GVAE.md`` as implemented in
-:mod:`pancreas_gvae.metrics`; this module only decides *what* each metric is computed on:
+:mod:`pancreas_gvae.evaluation.metrics`; this module only decides *what* each metric is computed on:
 
 - **Held-out data.** MNIST / Fashion-MNIST: the test split of :func:`pancreas_gvae.data.mnist.load_dataset`;
   a seeded permutation (seed 0, the same for every model and seed) gives ``n_eval`` evaluation images and
@@ -15,10 +15,10 @@ The metric definitions are those of ``/work/shared/GVAE.md`` as implemented in
   KID averages 100 subsets of half the smaller set (at most 1,000), so its spread (``kid_feature_sd``) is real.
 - **The mask channel (CT).** Share of samples with a pancreas mask against the held-out share, shape
   realism (area, solidity, eccentricity, components: normalised 1-D Wasserstein distances and their mean)
-  and intensity under the mask (:mod:`pancreas_gvae.metrics.masks`); **label fidelity**: a UNet trained on
+  and intensity under the mask (:mod:`pancreas_gvae.evaluation.metrics.masks`); **label fidelity**: a UNet trained on
   the training cases' real slices predicts on the synthetic images, Dice against the synthetic masks;
   **TSTR**: the same UNet recipe trained on synthetic pairs only, Dice on the held-out real slices, next to
-  the real-trained one (:mod:`pancreas_gvae.segmentation`).
+  the real-trained one (:mod:`pancreas_gvae.segmentation.unet`).
 - **Encoder metrics** (reconstruction, ELBO, KL, IWAE) use the live encoder and generator in ``eval()``
   mode (the pair that was trained together); reconstructions decode the posterior mean.
 - **Image metrics on CT** (pixel MMD, SSIM, MS-SSIM, MSE/L1 in HU, Parzen, memorisation, features) use
@@ -28,10 +28,10 @@ The metric definitions are those of ``/work/shared/GVAE.md`` as implemented in
   with fixed sigma (``loss.gaussian_sigma``) on all channels: a density on continuous pixels, only
   comparable between models at the same sigma. Parzen-window log-likelihood (pixels, bandwidth chosen on
   the validation images) is computed for **every** model from its samples, so that one likelihood-like
-  column exists for the GAN; its known weakness is in :mod:`pancreas_gvae.metrics.likelihood`.
-- **Feature space.** MNIST / Fashion: the in-project :class:`~pancreas_gvae.metrics.SmallClassifier`
+  column exists for the GAN; its known weakness is in :mod:`pancreas_gvae.evaluation.metrics.likelihood`.
+- **Feature space.** MNIST / Fashion: the in-project :class:`~pancreas_gvae.evaluation.metrics.SmallClassifier`
   trained on the training split (its features for MMD/FID/KID/precision/recall, its logits for mode
-  coverage). CT: the in-project :class:`~pancreas_gvae.metrics.SliceAutoencoder` trained on the
+  coverage). CT: the in-project :class:`~pancreas_gvae.evaluation.metrics.SliceAutoencoder` trained on the
   training cases' slices (CT channel). One network per dataset invocation, shared by every model and
   seed; values are relative, comparable only under that network.
 
@@ -50,7 +50,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pancreas_gvae import metrics as M
+from pancreas_gvae.evaluation import metrics as M
 
 
 class MetricSpec(NamedTuple):
@@ -88,7 +88,7 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("tstr_dice", True, "TSTR Dice (synthetic-trained UNet on real)"),
     MetricSpec("tstr_ratio", True, "TSTR / real-trained Dice"),
 )
-# Filled from pancreas_gvae.metrics.masks / segmentation results (their keys -> our columns).
+# Filled from pancreas_gvae.evaluation.metrics.masks / segmentation results (their keys -> our columns).
 MASK_COLUMNS = {"mask/shape_score": "mask_shape_score", "mask/intensity_w1": "mask_intensity_w1"}
 METRIC_COLUMNS = [m.column for m in METRICS]
 ID_COLUMNS = ["dataset", "model", "seed"]
@@ -226,7 +226,7 @@ def evaluate_model(model, ema_generator: torch.nn.Module, data: EvalData, *, lat
 
 def mask_columns(test: torch.Tensor, samples: torch.Tensor, data: EvalData, *, seed: int) -> dict[str, float]:
     """Mask realism, label fidelity and TSTR of ``samples`` (CT image + mask) against the held-out slices."""
-    from pancreas_gvae import segmentation as S
+    from pancreas_gvae.segmentation import unet as S
 
     k = data.mask_channels
     real_img, real_mask = test[:, :1], (test[:, -k:][:, :1] > 0.5).float()

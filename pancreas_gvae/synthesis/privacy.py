@@ -17,7 +17,7 @@ Memorisation check (:func:`memorisation_check_by_case`)
     :math:`\rho_j \le` ``threshold`` (default 1/3) in any space. With a single case, the reference falls back
     to leave-one-out distances within the training set (named in the result).
 
-    The nearest-neighbour search is :func:`pancreas_gvae.metrics.memorisation.nearest_neighbours`. Its
+    The nearest-neighbour search is :func:`pancreas_gvae.evaluation.metrics.memorisation.nearest_neighbours`. Its
     limitation holds here too: a pixel-space search misses shifted or re-windowed copies; passing the check
     is evidence against verbatim copying, not a privacy proof.
 
@@ -36,7 +36,7 @@ import pandas as pd
 import torch
 
 from pancreas_gvae.errors import DataError, PipelineError
-from pancreas_gvae.metrics.memorisation import nearest_neighbours
+from pancreas_gvae.evaluation.metrics.memorisation import nearest_neighbours
 
 __all__ = ["MemorisationByCase", "RealSlices", "SpaceResult", "anonymous_case_names", "load_training_slices",
            "memorisation_check_by_case", "memorisation_histogram", "plausibility_table"]
@@ -103,9 +103,9 @@ def load_training_slices(prepared: str | Path, data, *, max_slices: int | None =
     """Every slice of the prepared ok cases, fitted exactly as training fits them (``data.sampling``: size,
     fit, fov_mm) but without neighbours; returns the slices and the manifest. ``max_slices`` keeps a seeded
     random subset (the nearest-neighbour search then only sees those)."""
-    from pancreas_gvae.ct.config import fit_options
-    from pancreas_gvae.ct.manifest import MANIFEST_NAME, read_manifest
-    from transforms.slice_dataset import CTSliceDataset
+    from pancreas_gvae.data.ct.config import fit_options
+    from pancreas_gvae.data.ct.manifest import MANIFEST_NAME, read_manifest
+    from pancreas_gvae.transforms.slice_dataset import CTSliceDataset
 
     prepared = Path(prepared)
     if not (prepared / MANIFEST_NAME).is_file():
@@ -231,7 +231,7 @@ def memorisation_check_by_case(samples: torch.Tensor, train: torch.Tensor, case_
     pixel = _space(_flat(samples), _flat(train), case_index, *args)
     feature = None
     if feature_fn is not None:
-        from pancreas_gvae.metrics.feature_nets import extract_features
+        from pancreas_gvae.evaluation.metrics.feature_nets import extract_features
 
         def feats(x: torch.Tensor) -> torch.Tensor:
             return extract_features(feature_fn, x[:, None], batch_size=256)

@@ -251,7 +251,7 @@ def mmd2_features(
     ``torch.no_grad``. The median-heuristic bandwidths are then those of the *feature* vectors.
     ``kwargs`` go to :func:`mmd2_gaussian`; ``max_samples`` subsamples *before* feature extraction.
     """
-    from pancreas_gvae.metrics.feature_nets import extract_features
+    from pancreas_gvae.evaluation.metrics.feature_nets import extract_features
 
     max_samples = kwargs.pop("max_samples", None)
     seed = kwargs.get("seed", 0)

@@ -1,7 +1,7 @@
 r"""Fidelity and diversity of a sample set: Fréchet distance, kernel distance, precision/recall, mode coverage.
 
 All functions take **feature vectors** ``(N, F)`` (or images, flattened), computed by a network trained
-in this project (:mod:`pancreas_gvae.metrics.feature_nets`): no Inception weights exist here, so the
+in this project (:mod:`pancreas_gvae.evaluation.metrics.feature_nets`): no Inception weights exist here, so the
 values are "FID-style" and "KID-style", comparable between models evaluated with the same feature
 network, not with published FID/KID figures.
 
@@ -41,7 +41,7 @@ from typing import NamedTuple
 
 import torch
 
-from pancreas_gvae.metrics.mmd import pairwise_sq_distances, unbiased_mmd2
+from pancreas_gvae.evaluation.metrics.mmd import pairwise_sq_distances, unbiased_mmd2
 
 __all__ = [
     "KernelDistance",

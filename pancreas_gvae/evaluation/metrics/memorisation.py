@@ -37,7 +37,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from pancreas_gvae.metrics.mmd import pairwise_sq_distances, subsample
+from pancreas_gvae.evaluation.metrics.mmd import pairwise_sq_distances, subsample
 
 __all__ = ["MemorisationResult", "MemorisationSpace", "memorisation_check", "nearest_neighbours"]
 
@@ -186,7 +186,7 @@ def memorisation_check(
     pixel = _space(samples, train, heldout, *args)
     feature = None
     if feature_fn is not None:
-        from pancreas_gvae.metrics.feature_nets import extract_features
+        from pancreas_gvae.evaluation.metrics.feature_nets import extract_features
 
         def feats(x: torch.Tensor | None) -> torch.Tensor | None:
             return None if x is None else extract_features(feature_fn, x, batch_size=batch_size)

@@ -35,7 +35,7 @@ class LabelConfig:
 
 @dataclass
 class CheckConfig:
-    """Thresholds of the per-case checks (reasons in :mod:`pancreas_gvae.ct.checks`)."""
+    """Thresholds of the per-case checks (reasons in :mod:`pancreas_gvae.data.ct.checks`)."""
 
     min_slices: int = 8
     slice_gap_tolerance: float = 0.1  # allowed relative deviation of a slice gap from the median interval

@@ -69,7 +69,7 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 import torch.nn.functional as F
 
-from pancreas_gvae.metrics.mmd import pairwise_sq_distances
+from pancreas_gvae.evaluation.metrics.mmd import pairwise_sq_distances
 
 __all__ = [
     "ELBOTerms",

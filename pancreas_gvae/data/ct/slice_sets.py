@@ -37,8 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pancreas_gvae.ct.checks import CaseExcluded, check_finite
-from pancreas_gvae.ct.config import DataConfig, SliceSetConfig
+from pancreas_gvae.data.ct.checks import CaseExcluded, check_finite
+from pancreas_gvae.data.ct.config import DataConfig, SliceSetConfig
 from pancreas_gvae.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -228,9 +228,9 @@ def _rows_from_pattern(s: SliceSetConfig, images: dict[str, list[Path]], masks: 
 
 
 def discover_slices(root: Path, labels_dir: Path | None, cfg: SliceSetConfig | DataConfig | None = None):
-    """One :class:`~pancreas_gvae.ct.discovery.CaseSource` (kind ``slices``) per patient; ``labels_dir`` (the
+    """One :class:`~pancreas_gvae.data.ct.discovery.CaseSource` (kind ``slices``) per patient; ``labels_dir`` (the
     ``--labels`` flag) replaces the masks folder. Returns ``(cases, masks folder)``."""
-    from pancreas_gvae.ct.discovery import CaseSource
+    from pancreas_gvae.data.ct.discovery import CaseSource
 
     s = _settings(cfg)
     images_dir = root / s.images

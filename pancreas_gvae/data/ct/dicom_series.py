@@ -20,8 +20,8 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.tag import Tag
 
-from pancreas_gvae.ct.checks import CaseExcluded, check_axial, check_orientation, check_slice_positions, check_tilt
-from pancreas_gvae.ct.config import CheckConfig
+from pancreas_gvae.data.ct.checks import CaseExcluded, check_axial, check_orientation, check_slice_positions, check_tilt
+from pancreas_gvae.data.ct.config import CheckConfig
 
 _PIXEL_DATA = Tag(0x7FE0, 0x0010)
 _UNDEFINED_LENGTH = 0xFFFFFFFF

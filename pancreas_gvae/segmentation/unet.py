@@ -1,6 +1,6 @@
 """The downstream segmenter's pieces: splits, slice loading, a 2D MONAI UNet, its metrics, label fidelity, TSTR.
 
-The experiment built from them is :mod:`pancreas_gvae.downstream` (``pipelines/augment_segmentation.py``):
+The experiment built from them is :mod:`pancreas_gvae.segmentation.experiment` (``pipelines/augment_segmentation.py``):
 
 * :func:`split_cases` - a fixed case-level train / test split from a seed (never by slice: neighbouring
   slices of one patient are near-copies), and :func:`subset_cases` - the data fraction as a subset of
@@ -17,10 +17,10 @@ The experiment built from them is :mod:`pancreas_gvae.downstream` (``pipelines/a
 * :func:`label_fidelity` - a segmenter trained on real slices predicts on synthetic images; Dice against
   the synthetic masks (do the labels fit the images?). :func:`tstr` - Train on Synthetic, Test on Real:
   the same UNet recipe trained on synthetic pairs only and on real ones, both scored on real test slices.
-  The mask channel's own realism (share, shape, intensity under the mask) is :mod:`pancreas_gvae.metrics.masks`.
+  The mask channel's own realism (share, shape, intensity under the mask) is :mod:`pancreas_gvae.evaluation.metrics.masks`.
 
 Leakage guard: a generator used for augmentation must only have seen training cases. The experiment
-(:mod:`pancreas_gvae.downstream`) trains each from a manifest restricted to its cases
+(:mod:`pancreas_gvae.segmentation.experiment`) trains each from a manifest restricted to its cases
 (:func:`restrict_manifest`) and writes the case lists to ``split.json`` beside its checkpoint (a local
 file: case ids are TCIA PatientIDs and never go to MLflow); :func:`check_generator_split` refuses a
 checkpoint whose ``split.json`` names a test case, and reports "unverified" when there is none.
@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pancreas_gvae.ct.config import slice_spacing_mm
+from pancreas_gvae.data.ct.config import slice_spacing_mm
 from pancreas_gvae.errors import DataError, PipelineError
 
 SPLIT_NAME = "split.json"
@@ -147,8 +147,8 @@ def load_slices(prepared: str | Path, manifest: pd.DataFrame, cases: Sequence[st
                 fit: str = "resize", fov_mm: float | None = None, centre: str = "image",
                 centre_jitter_mm: float = 0.0) -> SliceSet:
     """Every axial slice of ``cases`` (centre slice only, no 2.5D context), fitted to ``size x size``
-    (``fit`` ... ``centre_jitter_mm`` as :func:`pancreas_gvae.ct.config.fit_options` gives them)."""
-    from transforms.slice_dataset import CTSliceDataset
+    (``fit`` ... ``centre_jitter_mm`` as :func:`pancreas_gvae.data.ct.config.fit_options` gives them)."""
+    from pancreas_gvae.transforms.slice_dataset import CTSliceDataset
 
     if not cases:
         raise DataError("no case to load")
@@ -168,7 +168,7 @@ def load_slices(prepared: str | Path, manifest: pd.DataFrame, cases: Sequence[st
 def synthetic_pool(generator: torch.nn.Module, n: int, *, latent_dim: int, seed: int,
                    mask_channels: int = 1) -> SliceSet:
     """``n`` synthetic (CT, mask) pairs: centre CT channel in [0, 1] and the mask thresholded at 0.5."""
-    from pancreas_gvae.synthetic import generate, split_ct_and_mask
+    from pancreas_gvae.synthesis.slices import generate, split_ct_and_mask
 
     samples = generate(generator, n, latent_dim=latent_dim, seed=seed)
     s = split_ct_and_mask(samples, mask_channels=mask_channels)
@@ -365,7 +365,7 @@ def evaluate_predictions(pred: torch.Tensor, label: torch.Tensor, *, pixel_mm: f
 
 
 def slice_pixel_mm(data) -> float:
-    """mm per pixel of the fitted slices (:func:`pancreas_gvae.ct.config.slice_spacing_mm`); HD95 needs one."""
+    """mm per pixel of the fitted slices (:func:`pancreas_gvae.data.ct.config.slice_spacing_mm`); HD95 needs one."""
     spacing = slice_spacing_mm(data)
     if spacing is None or abs(spacing[0] - spacing[1]) > 1e-6:
         raise PipelineError(f"HD95 in mm needs square pixels of a fixed size, got {spacing}; "

@@ -11,7 +11,7 @@ import itertools
 import numpy as np
 from scipy import ndimage
 
-from pancreas_gvae.ct.checks import CaseExcluded
+from pancreas_gvae.data.ct.checks import CaseExcluded
 
 
 def grid_box(affine: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:

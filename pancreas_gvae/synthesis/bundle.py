@@ -118,7 +118,7 @@ def infer_geometry(config: Config) -> Geometry:
     """
     if "ct" not in (config.data or {}):
         return Geometry(None, None, ())
-    from pancreas_gvae.ct.config import slice_spacing_mm  # the CT data layer; not needed for MNIST
+    from pancreas_gvae.data.ct.config import slice_spacing_mm  # the CT data layer; not needed for MNIST
     from pancreas_gvae.training.ct import data_config
 
     data = data_config(config)
@@ -354,7 +354,7 @@ def _inference_config(kwargs: dict[str, Any], layout: _Layout, *, spacing, windo
         transforms[2:2] = [{"_target_": "AsDiscreted", "keys": layout.mask_keys, "threshold": "@mask_threshold"}]
         transforms += [save(k, k[len("pred_"):], "uint8") for k in layout.mask_keys]
     return {
-        "imports": ["$import torch", "$import numpy as np", "$import pancreas_gvae.export.bundle as pgb"],
+        "imports": ["$import torch", "$import numpy as np", "$import pancreas_gvae.synthesis.bundle as pgb"],
         "bundle_root": ".",
         "model_path": "$@bundle_root + '/models/model.pt'",
         "output_dir": "$@bundle_root + '/samples'",

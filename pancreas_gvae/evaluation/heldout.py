@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pancreas_gvae import metrics as M
+from pancreas_gvae.evaluation import metrics as M
 from pancreas_gvae.errors import PipelineError
-from pancreas_gvae.evaluation import EvalData, SegmentationRefs
+from pancreas_gvae.evaluation.compare import EvalData, SegmentationRefs
 
 def mnist_eval_data(args):
     from pancreas_gvae.data.mnist import load_dataset, to_tensor
@@ -82,10 +82,10 @@ def ct_eval_data(args, cfg):
     precision/recall) and the segmenter (label fidelity, TSTR's real arm) are trained on training-case
     slices only.
     """
-    from pancreas_gvae import segmentation as S
-    from pancreas_gvae.ct.config import fit_options
+    from pancreas_gvae.segmentation import unet as S
+    from pancreas_gvae.data.ct.config import fit_options
     from pancreas_gvae.training import ct
-    from transforms.slice_dataset import CTSliceDataset
+    from pancreas_gvae.transforms.slice_dataset import CTSliceDataset
 
     data_cfg = ct.data_config(cfg)
     ct.check_model_matches_data(cfg, data_cfg)

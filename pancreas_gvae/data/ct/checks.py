@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from pancreas_gvae.ct.config import CheckConfig
+from pancreas_gvae.data.ct.config import CheckConfig
 from pancreas_gvae.errors import DataError
 
 # code -> what it means (docs/data.md lists the same table)

@@ -3,9 +3,9 @@
 ``pipelines/sample.py`` is the command line; :func:`load_from_checkpoint` / :func:`load_from_run` give the EMA
 generator with its training config, :func:`run_sampling` does the rest:
 
-1. ``N`` prior samples ``sigmoid(G(z))``, ``z ~ N(0, I)`` from ``seed`` (:func:`pancreas_gvae.synthetic.generate`);
+1. ``N`` prior samples ``sigmoid(G(z))``, ``z ~ N(0, I)`` from ``seed`` (:func:`pancreas_gvae.synthesis.slices.generate`);
    CT channel back to HU through the training window, mask thresholded at 0.5.
-2. Optional plausibility filter and memorisation check (:mod:`pancreas_gvae.privacy`); a pair that fails either
+2. Optional plausibility filter and memorisation check (:mod:`pancreas_gvae.synthesis.privacy`); a pair that fails either
    is left out of the export, and the reason is recorded.
 3. Export of the kept pairs, numbered ``synthetic_0000 ...`` in generation order, in every requested format, plus
    ``samples.csv`` (every generated pair: kept or why not) and ``summary.json``.
@@ -31,16 +31,16 @@ import torch
 
 from pancreas_gvae.config import Config, default_tracking_uri
 from pancreas_gvae.errors import PipelineError
-from pancreas_gvae.export.dicom import write_dicom_pairs
-from pancreas_gvae.privacy import (
+from pancreas_gvae.synthesis.dicom import write_dicom_pairs
+from pancreas_gvae.synthesis.privacy import (
     load_training_slices,
     memorisation_check_by_case,
     memorisation_histogram,
     plausibility_table,
     reason_counts,
 )
-from pancreas_gvae.synthetic import SyntheticSlices, generate, save_nifti_slices, split_ct_and_mask, window_to_hu
-from pancreas_gvae.viz import image_grid, save_png
+from pancreas_gvae.synthesis.slices import SyntheticSlices, generate, save_nifti_slices, split_ct_and_mask, window_to_hu
+from pancreas_gvae.tracking.images import image_grid, save_png
 
 __all__ = ["FORMATS", "LoadedGenerator", "SampleOptions", "geometry", "load_from_checkpoint", "load_from_run",
            "run_sampling", "sample_pairs"]
@@ -100,7 +100,7 @@ def _check_generator(generator: torch.nn.Module, config: Config, what: str) -> t
 
 def load_from_checkpoint(path: str | Path) -> LoadedGenerator:
     """The EMA generator of a training checkpoint (``OUT/checkpoints/last.pt``) and its config."""
-    from pancreas_gvae.export.bundle import generator_from_state
+    from pancreas_gvae.synthesis.bundle import generator_from_state
     from pancreas_gvae.training.checkpoint import load_checkpoint
 
     what = f"checkpoint {Path(path)}"
@@ -171,8 +171,8 @@ class Geometry:
 
 def geometry(config: Config):
     """The data config and the pixel size / HU window of the training slices
-    (:func:`pancreas_gvae.export.bundle.infer_geometry`, as the training job's own NIfTI samples)."""
-    from pancreas_gvae.export.bundle import infer_geometry
+    (:func:`pancreas_gvae.synthesis.bundle.infer_geometry`, as the training job's own NIfTI samples)."""
+    from pancreas_gvae.synthesis.bundle import infer_geometry
     from pancreas_gvae.training.ct import data_config
 
     if "ct" not in (config.data or {}):
@@ -224,7 +224,7 @@ def _pair_png(sample: torch.Tensor) -> np.ndarray:
 
 
 def _feature_fn(real: torch.Tensor, steps: int, seed: int):
-    from pancreas_gvae.metrics.feature_nets import train_slice_autoencoder
+    from pancreas_gvae.evaluation.metrics.feature_nets import train_slice_autoencoder
 
     net = train_slice_autoencoder(real[:, None], steps=steps, seed=seed)
     return net.features

@@ -3,9 +3,9 @@
 Each case runs inside its own try/except: whatever goes wrong becomes a manifest row with status
 ``excluded`` and a named reason, and the other cases carry on. A re-run reuses every case whose cache
 entry has the same config hash and source fingerprint (resume), so only new or changed cases are redone.
-One run at a time per output folder (``OUT/.lock``, see :mod:`pancreas_gvae.ct.outlock`); a case without a
+One run at a time per output folder (``OUT/.lock``, see :mod:`pancreas_gvae.data.ct.outlock`); a case without a
 label is excluded (``missing_label``) unless ``labels.require_label`` is false, then it is prepared image-only.
-A 2D slice set (``--layout slices``) gives one case per patient: :mod:`pancreas_gvae.ct.slice_sets` reads and
+A 2D slice set (``--layout slices``) gives one case per patient: :mod:`pancreas_gvae.data.ct.slice_sets` reads and
 stacks its slices, then the same chain and cache run.
 """
 
@@ -26,13 +26,13 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from pancreas_gvae.ct.checks import CaseExcluded
-from pancreas_gvae.ct.config import DataConfig, check_slice_set_settings, config_hash, load_data_config, validate
-from pancreas_gvae.ct.dicom_series import candidate_files, scan_dicom_files
-from pancreas_gvae.ct.discovery import CaseSource, discover, mark_missing_labels
-from pancreas_gvae.ct.manifest import MANIFEST_NAME, dims, redact, redacted_stderr, relative, to_frame, write_manifest
-from pancreas_gvae.ct.outlock import locked_output
-from pancreas_gvae.ct.slice_sets import file_stamp
+from pancreas_gvae.data.ct.checks import CaseExcluded
+from pancreas_gvae.data.ct.config import DataConfig, check_slice_set_settings, config_hash, load_data_config, validate
+from pancreas_gvae.data.ct.dicom_series import candidate_files, scan_dicom_files
+from pancreas_gvae.data.ct.discovery import CaseSource, discover, mark_missing_labels
+from pancreas_gvae.data.ct.manifest import MANIFEST_NAME, dims, redact, redacted_stderr, relative, to_frame, write_manifest
+from pancreas_gvae.data.ct.outlock import locked_output
+from pancreas_gvae.data.ct.slice_sets import file_stamp
 from pancreas_gvae.errors import DataError, PipelineError
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 def source_fingerprint(case: CaseSource) -> str:
     """Hash of the names, sizes and modification times of a case's files: a changed source redoes the case."""
     if case.kind == "slices":
-        from pancreas_gvae.ct.slice_sets import slice_fingerprint
+        from pancreas_gvae.data.ct.slice_sets import slice_fingerprint
 
         return slice_fingerprint(case)
     paths: list[Path] = []
@@ -87,8 +87,8 @@ def prepare_case(case: CaseSource, cache_dir: Path, cfg: DataConfig, pancreas_va
 
 def _prepare_case(case: CaseSource, cache_dir: Path, cfg: DataConfig, pancreas_values: list[int], chash: str,
                   data_root: Path, fingerprint: str) -> dict[str, Any]:
-    from transforms.cache import case_dir, remove_cached_case, save_cached_case, update_cache_meta  # heavy imports
-    from transforms.ct import QC_KEY, build_preprocess_chain, unwrap_exclusion
+    from pancreas_gvae.transforms.cache import case_dir, remove_cached_case, save_cached_case, update_cache_meta  # heavy imports
+    from pancreas_gvae.transforms.ct import QC_KEY, build_preprocess_chain, unwrap_exclusion
 
     start = time.perf_counter()
     row = _base_row(case, data_root, chash)
@@ -104,7 +104,7 @@ def _prepare_case(case: CaseSource, cache_dir: Path, cfg: DataConfig, pancreas_v
             from monai.data import MetaTensor
             import torch
 
-            from pancreas_gvae.ct.slice_sets import read_slice_case
+            from pancreas_gvae.data.ct.slice_sets import read_slice_case
 
             stack = read_slice_case(case, cfg, has_label=has_label)
             notes += stack.notes
@@ -222,7 +222,7 @@ def prepare_dataset(data_root: str | Path, out_dir: str | Path, *, labels: str |
 
 def _prepare_locked(found, out_dir: Path, cache_dir: Path, cfg: DataConfig, values: list[int], chash: str,
                     workers: int, force: bool, progress: bool) -> pd.DataFrame:
-    from transforms.cache import clean_orphans, read_cache_meta
+    from pancreas_gvae.transforms.cache import clean_orphans, read_cache_meta
 
     root = found.root
     orphans = clean_orphans(cache_dir)

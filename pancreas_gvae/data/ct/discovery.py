@@ -1,5 +1,5 @@
 """Find the cases under a data root: TCIA Pancreas-CT, MSD Task07, a plain folder, or a 2D slice set
-(:mod:`pancreas_gvae.ct.slice_sets`; docs/data.md).
+(:mod:`pancreas_gvae.data.ct.slice_sets`; docs/data.md).
 
 Discovery only looks at names; nothing is read here. A case that is known to be unusable before reading
 (a duplicate, no image) carries its exclusion reason so that it still gets a manifest row. A case without a
@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pancreas_gvae.ct.dicom_series import candidate_files
+from pancreas_gvae.data.ct.dicom_series import candidate_files
 from pancreas_gvae.errors import DataError
 
 LAYOUTS = ("auto", "tcia", "msd", "folder", "slices")
@@ -80,8 +80,8 @@ def _tcia_collections(root: Path) -> list[Path]:
 def detect_layout(root: str | Path, slice_set=None) -> str:
     """``msd`` when dataset.json + imagesTr/ exist, ``tcia`` when PANCREAS_NNNN folders exist, ``slices`` for a
     2D slice set (``images/`` + ``masks/`` of 2D files, or a slice manifest with image/mask columns), else
-    ``folder``. ``slice_set``: the :class:`~pancreas_gvae.ct.config.SliceSetConfig` (defaults if None)."""
-    from pancreas_gvae.ct.slice_sets import is_slice_set
+    ``folder``. ``slice_set``: the :class:`~pancreas_gvae.data.ct.config.SliceSetConfig` (defaults if None)."""
+    from pancreas_gvae.data.ct.slice_sets import is_slice_set
 
     root = Path(root)
     if (root / "dataset.json").is_file() and (root / "imagesTr").is_dir():
@@ -107,7 +107,7 @@ def discover(data_root: str | Path, *, labels: str | Path | None = None, layout:
         raise DataError(f"labels folder not found: {labels_dir}")
     resolved = detect_layout(root, slice_set) if layout == "auto" else layout
     if resolved == "slices":
-        from pancreas_gvae.ct.slice_sets import discover_slices
+        from pancreas_gvae.data.ct.slice_sets import discover_slices
 
         cases, labels_dir = discover_slices(root, labels_dir, slice_set)
     else:

@@ -40,7 +40,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pancreas_gvae import segmentation as S
+from pancreas_gvae.segmentation import unet as S
 from pancreas_gvae.errors import DataError, PipelineError
 
 BASELINE = "real+classic"
@@ -143,7 +143,7 @@ def train_or_reuse_generator(spec: GeneratorSpec, prepared: Path, manifest: pd.D
 
 
 def synthetic_pool(checkpoint: Path, n: int, *, seed: int) -> S.SliceSet:
-    from pancreas_gvae.export.bundle import generator_from_checkpoint
+    from pancreas_gvae.synthesis.bundle import generator_from_checkpoint
 
     generator, gcfg = generator_from_checkpoint(checkpoint)
     return S.synthetic_pool(generator, n, latent_dim=gcfg.model.latent_dim, seed=seed,
