@@ -37,7 +37,7 @@ import pandas as pd
 from pancreas_gvae.segmentation import experiment as D
 from pancreas_gvae.segmentation import unet as seg
 from pancreas_gvae.config import load_config
-from pancreas_gvae.data.ct.config import fit_options
+from pancreas_gvae.data.ct.config import check_model_matches_data, data_config, fit_options
 from pancreas_gvae.data.ct.discovery import LAYOUTS
 from pancreas_gvae.errors import PipelineError, run_cli
 from pancreas_gvae.evaluation.heldout import prepare_cohort, prepare_main_cohort
@@ -102,8 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [f"train.steps={args.generator_steps}", "tracking.log_model=false", "tracking.system_metrics=false",
                  f"tracking.experiment={args.experiment}", *args.overrides] + ([f"tracking.tracking_uri={args.tracking_uri}"] if args.tracking_uri else [])
     gcfg = load_config(args.config, overrides)
-    data = ct.data_config(gcfg)
-    ct.check_model_matches_data(gcfg, data)
+    data = data_config(gcfg)
+    check_model_matches_data(gcfg, data)
     args.out.mkdir(parents=True, exist_ok=True)
     prepared, manifest, cases = prepare_main_cohort(ct, args, gcfg, data)
     size, fit, pixel_mm = data.sampling.slice_size, fit_options(data), seg.slice_pixel_mm(data)

@@ -28,7 +28,7 @@ import pandas as pd
 
 from pancreas_gvae.segmentation import unet as S
 from pancreas_gvae.config import load_config
-from pancreas_gvae.data.ct.config import fit_options
+from pancreas_gvae.data.ct.config import data_config, fit_options
 from pancreas_gvae.data.ct.discovery import LAYOUTS
 from pancreas_gvae.errors import PipelineError, run_cli
 from pancreas_gvae.evaluation.heldout import prepare_main_cohort
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps < args.every or args.every < 1:
         raise PipelineError("--every must be >= 1 and <= --steps")
     cfg = load_config(args.config, args.overrides)
-    data_cfg = ct.data_config(cfg)
+    data_cfg = data_config(cfg)
     args.out.mkdir(parents=True, exist_ok=True)
     prepared, manifest, cases = prepare_main_cohort(ct, args, cfg, data_cfg)
     train_cases = S.split_cases(cases, test_fraction=args.test_fraction, seed=0).train

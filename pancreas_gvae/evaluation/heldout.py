@@ -83,12 +83,12 @@ def ct_eval_data(args, cfg):
     slices only.
     """
     from pancreas_gvae.segmentation import unet as S
-    from pancreas_gvae.data.ct.config import fit_options
+    from pancreas_gvae.data.ct.config import check_model_matches_data, data_config, fit_options
     from pancreas_gvae.training import ct
     from pancreas_gvae.transforms.slice_dataset import CTSliceDataset
 
-    data_cfg = ct.data_config(cfg)
-    ct.check_model_matches_data(cfg, data_cfg)
+    data_cfg = data_config(cfg)
+    check_model_matches_data(cfg, data_cfg)
     prepared, manifest, cases = prepare_main_cohort(ct, args, cfg, data_cfg)
     external = getattr(args, "test_data_root", None)
     if external is not None:

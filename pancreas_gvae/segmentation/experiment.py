@@ -114,6 +114,7 @@ def train_or_reuse_generator(spec: GeneratorSpec, prepared: Path, manifest: pd.D
 
     ``split.json`` beside it lists every patient it saw (labelled and unlabelled) against the fold's test
     patients; its MLflow run carries counts only, never a case id."""
+    from pancreas_gvae.data.ct.config import check_model_matches_data, data_config
     from pancreas_gvae.training import ct
     from pancreas_gvae.training.run import checkpoint_path, train_run
 
@@ -124,8 +125,8 @@ def train_or_reuse_generator(spec: GeneratorSpec, prepared: Path, manifest: pd.D
     if ckpt.is_file() and (out / "done").is_file():
         S.check_generator_split(ckpt, split)
         return ckpt
-    data = ct.data_config(cfg)
-    ct.check_model_matches_data(cfg, data)
+    data = data_config(cfg)
+    check_model_matches_data(cfg, data)
     restricted = S.restrict_manifest(manifest, seen)
     batches = ct.slice_batches(prepared, restricted, data, cfg, cases=seen, withhold_labels=spec.unlabelled)
     if set(batches.dataset.case_ids) & set(spec.test):

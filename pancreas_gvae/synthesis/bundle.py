@@ -118,8 +118,7 @@ def infer_geometry(config: Config) -> Geometry:
     """
     if "ct" not in (config.data or {}):
         return Geometry(None, None, ())
-    from pancreas_gvae.data.ct.config import slice_spacing_mm  # the CT data layer; not needed for MNIST
-    from pancreas_gvae.training.ct import data_config
+    from pancreas_gvae.data.ct.config import data_config, slice_spacing_mm  # the CT data layer; not needed for MNIST
 
     data = data_config(config)
     window: tuple[float, float] | None

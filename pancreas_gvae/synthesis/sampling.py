@@ -173,7 +173,7 @@ def geometry(config: Config):
     """The data config and the pixel size / HU window of the training slices
     (:func:`pancreas_gvae.synthesis.bundle.infer_geometry`, as the training job's own NIfTI samples)."""
     from pancreas_gvae.synthesis.bundle import infer_geometry
-    from pancreas_gvae.training.ct import data_config
+    from pancreas_gvae.data.ct.config import data_config
 
     if "ct" not in (config.data or {}):
         raise PipelineError("the model's config has no data.ct section: it is not a CT model")

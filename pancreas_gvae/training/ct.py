@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 
 from pancreas_gvae.config import Config
-from pancreas_gvae.data.ct.config import DataConfig, data_config_from_dict
+from pancreas_gvae.data.ct.config import DataConfig
 from pancreas_gvae.data.ct.phantom import make_phantom_cohort
 from pancreas_gvae.data.ct.prepare import prepare_dataset
 from pancreas_gvae.errors import DataError, PipelineError
@@ -29,23 +29,6 @@ from pancreas_gvae.transforms.slice_dataset import CTSliceDataset
 SHAREABLE_COLUMNS = ["layout", "status", "reason", "has_label", "input_intensity", "shape", "spacing",
                      "slice_thickness", "slice_interval", "n_slices", "vendor", "hu_min", "hu_max", "label_voxels",
                      "label_median_hu", "pancreas_slice_count", "cache_shape", "cache_spacing"]
-
-
-def data_config(cfg: Config) -> DataConfig:
-    """``cfg.data["ct"]`` as the data layer's :class:`DataConfig` (unknown keys are named)."""
-    return data_config_from_dict(dict(cfg.data.get("ct", {})), where="data.ct")
-
-
-def check_model_matches_data(cfg: Config, data: DataConfig) -> None:
-    s = data.sampling
-    channels = 1 + 2 * s.context_slices + 1  # CT (+ neighbours) + pancreas mask
-    m = cfg.model
-    if m.image_size != s.slice_size:
-        raise PipelineError(f"model.image_size ({m.image_size}) must equal data.ct.sampling.slice_size "
-                            f"({s.slice_size}); set both")
-    if m.in_channels != channels or m.mask_channels != 1:
-        raise PipelineError(f"model.in_channels must be {channels} (CT, {2 * s.context_slices} neighbour slice(s), "
-                            f"mask) and model.mask_channels 1; got {m.in_channels} and {m.mask_channels}")
 
 
 def ensure_phantom(root: Path, phantom: dict[str, Any]) -> Path:

@@ -23,7 +23,7 @@ def cohort(tmp_path_factory):
     from pancreas_gvae.config import load_config
     from pancreas_gvae.data.ct.phantom import make_phantom_cohort
     from pancreas_gvae.data.ct.prepare import prepare_dataset
-    from pancreas_gvae.training import ct
+    from pancreas_gvae.data.ct.config import data_config
 
     root = tmp_path_factory.mktemp("seg")
     cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "ct_64.yaml",
@@ -31,7 +31,7 @@ def cohort(tmp_path_factory):
                        "data.ct.sampling.slice_size=32", "train.batch_size=4", "tracking.log_model=false",
                        "tracking.system_metrics=false"])
     make_phantom_cohort(root / "phantom", cases=4, size=64, seed=0)
-    data = ct.data_config(cfg)
+    data = data_config(cfg)
     manifest = prepare_dataset(root / "phantom", root / "prepared", config=data, progress=False)
     return root, cfg, manifest
 

@@ -19,7 +19,7 @@ from pancreas_gvae.synthesis.bundle import generator_kwargs
 from pancreas_gvae.models.networks import Generator
 from pancreas_gvae.synthesis.sampling import LoadedGenerator, SampleOptions, load_from_checkpoint, run_sampling
 from pancreas_gvae.training.checkpoint import save_checkpoint
-from pancreas_gvae.training.ct import data_config
+from pancreas_gvae.data.ct.config import data_config
 from pancreas_gvae.pipelines import sample as sample_cli
 from pancreas_gvae.transforms.cache import save_cached_case
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pancreas_gvae.config import read_yaml_mapping
+from pancreas_gvae.config import Config, read_yaml_mapping
 from pancreas_gvae.errors import PipelineError
 
 # Bump when the cache layout or the preprocessing code changes what it writes.
@@ -198,6 +198,23 @@ def data_config_from_dict(data: dict[str, Any], *, where: str = "data config") -
     cfg = _build(DataConfig, data, where)
     validate(cfg)
     return cfg
+
+def data_config(cfg: Config) -> DataConfig:
+    """``cfg.data["ct"]`` as the data layer's :class:`DataConfig` (unknown keys are named)."""
+    return data_config_from_dict(dict(cfg.data.get("ct", {})), where="data.ct")
+
+
+def check_model_matches_data(cfg: Config, data: DataConfig) -> None:
+    s = data.sampling
+    channels = 1 + 2 * s.context_slices + 1  # CT (+ neighbours) + pancreas mask
+    m = cfg.model
+    if m.image_size != s.slice_size:
+        raise PipelineError(f"model.image_size ({m.image_size}) must equal data.ct.sampling.slice_size "
+                            f"({s.slice_size}); set both")
+    if m.in_channels != channels or m.mask_channels != 1:
+        raise PipelineError(f"model.in_channels must be {channels} (CT, {2 * s.context_slices} neighbour slice(s), "
+                            f"mask) and model.mask_channels 1; got {m.in_channels} and {m.mask_channels}")
+
 
 def validate(cfg: DataConfig) -> None:
     p, s = cfg.preprocess, cfg.sampling

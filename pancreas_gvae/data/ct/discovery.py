@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+from pancreas_gvae.data.ct.cases import CaseSource
 from pancreas_gvae.data.ct.dicom_series import candidate_files
 from pancreas_gvae.errors import DataError
 
@@ -26,21 +27,6 @@ NIFTI_SUFFIXES = (".nii.gz", ".nii")
 # Label file names inside a case folder, and suffixes of a label beside a NIfTI image (<case>_label.nii.gz).
 LABEL_STEMS = ("label", "labels", "seg", "segmentation", "mask")
 LABEL_SUFFIXES = tuple(f"_{s}" for s in LABEL_STEMS)
-
-
-@dataclass
-class CaseSource:
-    """Where one case's image and label live. ``image`` is a DICOM folder (kind ``dicom``) or a NIfTI file."""
-
-    case_id: str
-    layout: str
-    image: Path | None
-    kind: str  # dicom | nifti | slices
-    label: Path | None
-    excluded: tuple[str, str] | None = None  # (reason code, detail) known from names alone
-    notes: list[str] = field(default_factory=list)
-    label_missing: str = ""  # why no label was found (label is None): missing_label's detail
-    slices: list = field(default_factory=list)  # kind slices: the patient's SliceSource entries, in order
 
 
 @dataclass

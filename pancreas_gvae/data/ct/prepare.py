@@ -29,7 +29,8 @@ from tqdm.auto import tqdm
 from pancreas_gvae.data.ct.checks import CaseExcluded
 from pancreas_gvae.data.ct.config import DataConfig, check_slice_set_settings, config_hash, load_data_config, validate
 from pancreas_gvae.data.ct.dicom_series import candidate_files, scan_dicom_files
-from pancreas_gvae.data.ct.discovery import CaseSource, discover, mark_missing_labels
+from pancreas_gvae.data.ct.cases import CaseSource
+from pancreas_gvae.data.ct.discovery import discover, mark_missing_labels
 from pancreas_gvae.data.ct.manifest import MANIFEST_NAME, dims, redact, redacted_stderr, relative, to_frame, write_manifest
 from pancreas_gvae.data.ct.outlock import locked_output
 from pancreas_gvae.data.ct.slice_sets import file_stamp

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pancreas_gvae.data.ct.cases import CaseSource
 from pancreas_gvae.data.ct.checks import CaseExcluded, check_finite
 from pancreas_gvae.data.ct.config import DataConfig, SliceSetConfig
 from pancreas_gvae.errors import DataError
@@ -228,9 +229,8 @@ def _rows_from_pattern(s: SliceSetConfig, images: dict[str, list[Path]], masks: 
 
 
 def discover_slices(root: Path, labels_dir: Path | None, cfg: SliceSetConfig | DataConfig | None = None):
-    """One :class:`~pancreas_gvae.data.ct.discovery.CaseSource` (kind ``slices``) per patient; ``labels_dir`` (the
+    """One :class:`~pancreas_gvae.data.ct.cases.CaseSource` (kind ``slices``) per patient; ``labels_dir`` (the
     ``--labels`` flag) replaces the masks folder. Returns ``(cases, masks folder)``."""
-    from pancreas_gvae.data.ct.discovery import CaseSource
 
     s = _settings(cfg)
     images_dir = root / s.images
