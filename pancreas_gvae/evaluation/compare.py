@@ -51,6 +51,7 @@ import pandas as pd
 import torch
 
 from pancreas_gvae.evaluation import metrics as M
+from pancreas_gvae.synthesis.slices import generate
 
 
 class MetricSpec(NamedTuple):
@@ -147,17 +148,19 @@ def _batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_
     return torch.cat([fn(x[i:i + batch_size]) for i in range(0, x.shape[0], batch_size)])
 
 
-@torch.no_grad()
 def generate_samples(generator: torch.nn.Module, n: int, latent_dim: int, *, seed: int,
                      device: torch.device | str = "cpu", batch_size: int = 500) -> torch.Tensor:
-    """``sigmoid(G(z))`` for ``n`` seeded draws ``z ~ N(0, I)``; on the CPU."""
+    """``sigmoid(G(z))`` for ``n`` prior draws (:func:`~pancreas_gvae.synthesis.slices.generate`), on the CPU.
+
+    The evaluation draws from its own seed stream, ``seed * 7919 + 17``, so its samples are not the training
+    job's previews; the generator's train/eval mode is left as it was.
+    """
     was_training = generator.training
-    generator.eval()
-    g = torch.Generator().manual_seed(int(seed) * 7919 + 17)
-    z = torch.randn(n, latent_dim, generator=g)
-    out = _batched(lambda zb: torch.sigmoid(generator(zb.to(device))).float().cpu(), z, batch_size)
-    generator.train(was_training)
-    return out
+    try:
+        return generate(generator, n, latent_dim=latent_dim, seed=int(seed) * 7919 + 17, device=device,
+                        batch_size=batch_size)
+    finally:
+        generator.train(was_training)
 
 
 def _mean(t: torch.Tensor) -> float:

@@ -144,7 +144,7 @@ def train_or_reuse_generator(spec: GeneratorSpec, prepared: Path, manifest: pd.D
 
 
 def synthetic_pool(checkpoint: Path, n: int, *, seed: int) -> S.SliceSet:
-    from pancreas_gvae.synthesis.bundle import generator_from_checkpoint
+    from pancreas_gvae.synthesis.generator import generator_from_checkpoint
 
     generator, gcfg = generator_from_checkpoint(checkpoint)
     return S.synthetic_pool(generator, n, latent_dim=gcfg.model.latent_dim, seed=seed,

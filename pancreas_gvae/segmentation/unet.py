@@ -7,8 +7,8 @@ The experiment built from them is :mod:`pancreas_gvae.segmentation.experiment` (
   the *training* cases (at least one).
 * :func:`load_slices` - every slice of some cases from the prepared store, fitted like the generator's
   training data (same ``slice_size`` / ``fit`` / ``fov_mm``, so a pixel means the same mm in both).
-* :func:`synthetic_pool` - samples of the EMA generator (loaded by ``export.bundle.generator_from_checkpoint``
-  or ``sampling.load_from_run``),
+* :func:`synthetic_pool` - samples of the EMA generator (loaded by ``synthesis.generator.generator_from_checkpoint``
+  or ``synthesis.generator.load_from_run``),
   split into the windowed CT channel and the thresholded mask.
 * :func:`train_unet` - MONAI ``UNet`` + ``DiceCELoss``; with ``ratio`` R > 0, each batch of B holds
   ``round(B * R / (1 + R))`` synthetic slices and the rest real ones (same steps and batch size as the
@@ -148,7 +148,7 @@ def load_slices(prepared: str | Path, manifest: pd.DataFrame, cases: Sequence[st
                 centre_jitter_mm: float = 0.0) -> SliceSet:
     """Every axial slice of ``cases`` (centre slice only, no 2.5D context), fitted to ``size x size``
     (``fit`` ... ``centre_jitter_mm`` as :func:`pancreas_gvae.data.ct.config.fit_options` gives them)."""
-    from pancreas_gvae.transforms.slice_dataset import CTSliceDataset
+    from pancreas_gvae.transforms.slice_dataset import CTSliceDataset, read_slices
 
     if not cases:
         raise DataError("no case to load")
@@ -158,11 +158,8 @@ def load_slices(prepared: str | Path, manifest: pd.DataFrame, cases: Sequence[st
     missing = set(cases) - set(ds.case_ids)
     if missing:
         raise DataError(f"{len(missing)} requested case(s) are not ok in the prepared store")
-    rows = sorted(range(len(ds.slices)), key=lambda r: (ds.slices["case_id"].iat[r], ds.slices["slice"].iat[r]))
-    ds.order = np.asarray(rows)  # every slice once, in (case, slice) order
-    items = [ds[i] for i in range(len(ds))]
-    return SliceSet(torch.stack([it["image"] for it in items]), torch.stack([it["label"] for it in items]),
-                    [it["case_id"] for it in items])
+    got = read_slices(ds)  # every slice once, in (case, slice) order
+    return SliceSet(got["image"], got["label"], got["case_id"])
 
 
 def synthetic_pool(generator: torch.nn.Module, n: int, *, latent_dim: int, seed: int,

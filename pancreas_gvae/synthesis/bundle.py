@@ -17,29 +17,26 @@ and, from the bundle folder::
 writes ``samples/synthetic_0000_image.nii.gz`` (CT; int16 HU when the bundle has a window) and
 ``samples/synthetic_0000_mask.nii.gz`` (uint8, 0/1), with the training pixel spacing in the affine.
 
-The config needs this package installed (``_target_: pancreas_gvae.models.networks.Generator``); the two
-helpers at the bottom, :func:`synthesize` and :func:`write_samples`, do what MONAI config syntax cannot
-express cleanly: a seeded latent draw decoded in batches, and a loop over the resulting samples.
+The config needs this package installed (``_target_: pancreas_gvae.models.networks.Generator``) and calls
+:mod:`pancreas_gvae.synthesis.bundle_runtime` for what MONAI config syntax cannot express cleanly. The generator
+and the slice geometry come from :mod:`pancreas_gvae.synthesis.generator`.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import json
-import logging
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from monai.data import MetaTensor
 
 from pancreas_gvae.config import Config, ModelConfig
 from pancreas_gvae.errors import PipelineError
 from pancreas_gvae.models.networks import Generator
-
-logger = logging.getLogger(__name__)
+from pancreas_gvae.synthesis.generator import generator_kwargs, load_strict
 
 DEFAULT_NAME = "pancreas_gvae_generator"
 BUNDLE_VERSION = "0.1.0"
@@ -47,96 +44,6 @@ BUNDLE_VERSION = "0.1.0"
 SCHEMA_URL = ("https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/"
               "meta_schema_20240725.json")
 GENERATOR_TARGET = f"{Generator.__module__}.{Generator.__qualname__}"
-
-
-# --------------------------------------------------------------------------------------------- export side
-
-
-def generator_kwargs(model: ModelConfig) -> dict[str, Any]:
-    """The keyword arguments :class:`~pancreas_gvae.models.gvae.GenerativeModel` builds its generator with."""
-    return {
-        "spatial_dims": int(model.spatial_dims),
-        "out_channels": int(model.in_channels),
-        "image_size": int(model.image_size),
-        "channels": [int(c) for c in model.channels],
-        "latent_dim": int(model.latent_dim),
-        "num_res_units": int(model.num_res_units),
-        "norm": model.generator_norm,
-    }
-
-
-def generator_state_from_checkpoint(state: dict[str, Any], *, weights: str = "ema") -> dict[str, torch.Tensor]:
-    """The generator's state_dict from a training checkpoint (:meth:`Trainer.state_dict`).
-
-    ``weights="ema"``: the EMA generator (``AveragedModel`` keys ``module.*``; ``n_averaged`` dropped), the
-    one to ship. ``weights="model"``: the raw generator of ``GenerativeModel`` (keys ``generator.*``).
-    """
-    if weights == "ema":
-        raw, prefix = state.get("ema"), "module."
-    elif weights == "model":
-        raw, prefix = state.get("model"), "generator."
-    else:
-        raise PipelineError(f"weights must be 'ema' or 'model', got {weights!r}")
-    if not raw:
-        raise PipelineError(f"the checkpoint has no {weights!r} weights (keys: {', '.join(sorted(state))})")
-    out = {k[len(prefix):]: v for k, v in raw.items() if k.startswith(prefix)}
-    if not out:
-        raise PipelineError(f"the checkpoint's {weights!r} entry holds no '{prefix}*' keys; "
-                            "is it a training checkpoint?")
-    return out
-
-
-def generator_from_checkpoint(path: str | Path, *, weights: str = "ema") -> tuple[Generator, Config]:
-    """Rebuild the (EMA) generator of a training checkpoint on the CPU, in eval mode, with its config."""
-    from pancreas_gvae.training.checkpoint import load_checkpoint
-
-    return generator_from_state(load_checkpoint(path, map_location="cpu"), weights=weights, what=f"checkpoint {path}")
-
-
-def generator_from_state(state: Any, *, weights: str = "ema", what: str = "checkpoint") -> tuple[Generator, Config]:
-    """The generator of an already loaded training checkpoint (``Trainer.state_dict()``), strictly loaded."""
-    if not isinstance(state, dict) or "config" not in state:
-        raise PipelineError(f"{what} holds no 'config'; is it a training checkpoint (OUT/checkpoints/last.pt)?")
-    config = Config.from_dict(state["config"])
-    generator = Generator(**generator_kwargs(config.model))
-    _load_strict(generator, generator_state_from_checkpoint(state, weights=weights), what=what)
-    return generator.eval(), config
-
-
-class Geometry(NamedTuple):
-    spacing: tuple[float, ...] | None
-    window: tuple[float, float] | None
-    notes: tuple[str, ...]  # where each value came from, for the user
-
-
-def infer_geometry(config: Config) -> Geometry:
-    """Pixel spacing and HU window of the CT training slices, from ``config.data["ct"]`` (defaults filled in).
-
-    ``sampling.fit = resize`` with ``sampling.fov_mm``: ``fov_mm / slice_size`` mm per pixel (as the training
-    job's own NIfTI samples); ``fit = crop``: ``preprocess.spacing`` (x, y) where set. The window is
-    ``preprocess.hu_window``. A config without a ``ct`` data section (MNIST) gives ``None`` for both.
-    """
-    if "ct" not in (config.data or {}):
-        return Geometry(None, None, ())
-    from pancreas_gvae.data.ct.config import data_config, slice_spacing_mm  # the CT data layer; not needed for MNIST
-
-    data = data_config(config)
-    window: tuple[float, float] | None
-    if data.preprocess.input_intensity.true_hu:
-        window = tuple(float(v) for v in data.preprocess.hu_window)
-        notes = [f"window [{window[0]:g}, {window[1]:g}] HU from data.ct.preprocess.hu_window"]
-    else:  # e.g. 8-bit slices of an unstated window: there is no HU to map back to
-        window = None
-        notes = ["no HU window: the training data were display values of an unknown window "
-                 "(data.ct.preprocess.input_intensity); the CT channel stays in [0, 1]"]
-    spacing = slice_spacing_mm(data) if config.model.spatial_dims == 2 else None
-    if spacing is not None:
-        notes.append(f"spacing {spacing[0]:g} x {spacing[1]:g} mm from data.ct.sampling.fov_mm / slice_size "
-                     "(fit = resize) or data.ct.preprocess.spacing (fit = crop)")
-    if data.sampling.centre == "pancreas":
-        notes.append("the training window was centred on each slice's pancreas (data.ct.sampling.centre): a slice's "
-                     "origin is not a fixed place in a patient")
-    return Geometry(spacing, window, tuple(notes))
 
 
 def export_bundle(generator: torch.nn.Module, config: Config, out_dir: str | Path, *,
@@ -156,7 +63,7 @@ def export_bundle(generator: torch.nn.Module, config: Config, out_dir: str | Pat
     kwargs = generator_kwargs(m)
     state = {k: v.detach().cpu().clone() for k, v in generator.state_dict().items()}
     rebuilt = Generator(**kwargs)
-    _load_strict(rebuilt, state, what="the generator")
+    load_strict(rebuilt, state, what="the generator")
     spacing_ = _check_spacing(spacing, m.spatial_dims)
     window_ = _check_window(window)
     if num_samples < 1:
@@ -189,15 +96,6 @@ def export_bundle(generator: torch.nn.Module, config: Config, out_dir: str | Pat
     (out / "docs" / "README.md").write_text(_readme(name, config, layout, spacing_, window_, num_samples))
     (out / "docs" / "license.txt").write_text(LICENSE_TXT)
     return out
-
-
-def _load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], *, what: str) -> None:
-    try:
-        module.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()
-        raise PipelineError(f"{what} does not match the generator that config.model describes: "
-                            f"{first[1].strip() if len(first) > 1 else first[0]}") from None
 
 
 def _check_spacing(spacing: Sequence[float] | None, dims: int) -> list[float] | None:
@@ -353,7 +251,7 @@ def _inference_config(kwargs: dict[str, Any], layout: _Layout, *, spacing, windo
         transforms[2:2] = [{"_target_": "AsDiscreted", "keys": layout.mask_keys, "threshold": "@mask_threshold"}]
         transforms += [save(k, k[len("pred_"):], "uint8") for k in layout.mask_keys]
     return {
-        "imports": ["$import torch", "$import numpy as np", "$import pancreas_gvae.synthesis.bundle as pgb"],
+        "imports": ["$import torch", "$import numpy as np", "$import pancreas_gvae.synthesis.bundle_runtime as pgb"],
         "bundle_root": ".",
         "model_path": "$@bundle_root + '/models/model.pt'",
         "output_dir": "$@bundle_root + '/samples'",
@@ -478,51 +376,3 @@ The training data are not part of this bundle; their own terms of use apply to t
 """
 
 
-# ------------------------------------------------------------------------------------ bundle runtime side
-
-
-def spacing_affine(spacing: Sequence[float] | None, spatial_dims: int) -> torch.Tensor:
-    """``(spatial_dims + 1)``-square diagonal affine with ``spacing`` mm per pixel (1 mm when ``None``)."""
-    values = [1.0] * spatial_dims if spacing is None else [float(s) for s in spacing]
-    if len(values) == 1:
-        values = values * spatial_dims
-    if len(values) != spatial_dims:
-        raise ValueError(f"spacing needs {spatial_dims} values, got {list(spacing or [])}")
-    return torch.diag(torch.tensor([*values, 1.0], dtype=torch.float64))
-
-
-def synthesize(network: torch.nn.Module, *, num_samples: int, seed: int = 0, batch_size: int = 64,
-               device: str | torch.device = "cpu", spacing: Sequence[float] | None = None,
-               name_prefix: str = "synthetic") -> Iterator[dict[str, Any]]:
-    """Yield ``{"pred": MetaTensor logits (C, *spatial), "z": latent}`` for ``num_samples`` prior samples.
-
-    All latent codes are drawn up front on the CPU from ``torch.Generator().manual_seed(seed)``, so sample
-    ``i`` depends only on ``(seed, i)``. Each sample's meta carries ``filename_or_obj = {name_prefix}_{i:04d}``
-    (the name ``SaveImaged`` writes under) and the spacing affine.
-    """
-    num_samples, batch_size = int(num_samples), int(batch_size)
-    if num_samples < 1 or batch_size < 1:
-        raise ValueError(f"num_samples and batch_size must be >= 1, got {num_samples} and {batch_size}")
-    latent_dim, dims = int(network.latent_dim), int(network.spatial_dims)
-    affine = spacing_affine(spacing, dims)
-    z_all = torch.randn(num_samples, latent_dim, generator=torch.Generator().manual_seed(int(seed)))
-    width = max(4, len(str(num_samples - 1)))
-    device = torch.device(device)
-    for start in range(0, num_samples, batch_size):
-        with torch.no_grad():
-            logits = network(z_all[start:start + batch_size].to(device)).float().cpu()
-        for offset, x in enumerate(logits):
-            i = start + offset
-            meta = {"filename_or_obj": f"{name_prefix}_{i:0{width}d}", "sample_index": i, "seed": int(seed)}
-            yield {"pred": MetaTensor(x, affine=affine.clone(), meta=meta), "z": z_all[i]}
-
-
-def write_samples(samples: Iterable[dict[str, Any]], postprocessing: Callable[[dict[str, Any]], Any], *,
-                  output_dir: str | Path | None = None) -> int:
-    """Run ``postprocessing`` (which ends in ``SaveImaged``) on every sample; returns how many were written."""
-    count = 0
-    for sample in samples:
-        postprocessing(sample)
-        count += 1
-    logger.info("wrote %d synthetic sample(s) to %s", count, Path(output_dir).resolve() if output_dir else "output_dir")
-    return count

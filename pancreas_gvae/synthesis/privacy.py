@@ -17,7 +17,8 @@ Memorisation check (:func:`memorisation_check_by_case`)
     :math:`\rho_j \le` ``threshold`` (default 1/3) in any space. With a single case, the reference falls back
     to leave-one-out distances within the training set (named in the result).
 
-    The nearest-neighbour search is :func:`pancreas_gvae.evaluation.metrics.memorisation.nearest_neighbours`. Its
+    The check itself is the project's one memorisation check,
+    :func:`pancreas_gvae.evaluation.metrics.memorisation.memorisation_check` with ``case_index``. Its
     limitation holds here too: a pixel-space search misses shifted or re-windowed copies; passing the check
     is evidence against verbatim copying, not a privacy proof.
 
@@ -36,9 +37,9 @@ import pandas as pd
 import torch
 
 from pancreas_gvae.errors import DataError, PipelineError
-from pancreas_gvae.evaluation.metrics.memorisation import nearest_neighbours
+from pancreas_gvae.evaluation.metrics.memorisation import MemorisationResult, memorisation_check
 
-__all__ = ["MemorisationByCase", "RealSlices", "SpaceResult", "anonymous_case_names", "load_training_slices",
+__all__ = ["RealSlices", "anonymous_case_names", "load_training_slices",
            "memorisation_check_by_case", "memorisation_histogram", "plausibility_table"]
 
 FAT_HU = -50.0
@@ -100,12 +101,12 @@ def anonymous_case_names(manifest: pd.DataFrame) -> dict[str, str]:
 
 def load_training_slices(prepared: str | Path, data, *, max_slices: int | None = None,
                          seed: int = 0) -> tuple[RealSlices, pd.DataFrame]:
-    """Every slice of the prepared ok cases, fitted exactly as training fits them (``data.sampling``: size,
-    fit, fov_mm) but without neighbours; returns the slices and the manifest. ``max_slices`` keeps a seeded
-    random subset (the nearest-neighbour search then only sees those)."""
+    """Every slice of the prepared ok cases in (case, slice) order, fitted exactly as training fits them
+    (``data.sampling``: size, fit, fov_mm) but without neighbours; returns the slices and the manifest.
+    ``max_slices`` keeps a seeded random subset (the nearest-neighbour search then only sees those)."""
     from pancreas_gvae.data.ct.config import fit_options
     from pancreas_gvae.data.ct.manifest import MANIFEST_NAME, read_manifest
-    from pancreas_gvae.transforms.slice_dataset import CTSliceDataset
+    from pancreas_gvae.transforms.slice_dataset import CTSliceDataset, read_slices
 
     prepared = Path(prepared)
     if not (prepared / MANIFEST_NAME).is_file():
@@ -115,105 +116,22 @@ def load_training_slices(prepared: str | Path, data, *, max_slices: int | None =
     s = data.sampling
     ds = CTSliceDataset(prepared, manifest, size=s.slice_size, pos_fraction=None, context_slices=0, seed=seed,
                         **fit_options(data))
-    picks = np.arange(len(ds))
-    if max_slices is not None and max_slices < len(picks):
-        picks = np.sort(np.random.default_rng(seed).choice(picks, size=max_slices, replace=False))
+    got = read_slices(ds, max_slices=max_slices, seed=seed)
     position = {cid: i for i, cid in enumerate(manifest["case_id"].astype(str))}
-    images, cases, slices = [], [], []
-    for i in picks:
-        item = ds[int(i)]
-        images.append(item["image"][0])
-        cases.append(position[str(item["case_id"])])
-        slices.append(int(item["slice"]))
-    return RealSlices(torch.stack(images).float(), np.asarray(cases), np.asarray(slices)), manifest
+    cases = np.asarray([position[c] for c in got["case_id"]])
+    return RealSlices(got["image"][:, 0], cases, got["slice"]), manifest
 
 
 # ------------------------------------------------------------------------------------------ memorisation
 
 
-@dataclass
-class SpaceResult:
-    """Per synthetic sample ``(M,)``, in one space (pixel or feature)."""
-
-    distances: torch.Tensor  # float64: distance to the nearest training slice
-    indices: torch.Tensor  # int64: row of that slice in the training set
-    ratios: torch.Tensor  # distances / reference_scale
-    percentiles: torch.Tensor  # share of reference distances <= the sample's distance
-    near_copy: torch.Tensor  # bool: ratio <= threshold
-    reference_distances: torch.Tensor  # per (queried) training slice: nearest slice of another case
-    reference_scale: float  # median of reference_distances
-    reference_kind: str  # "other_case" or "leave_one_out" (a single case)
-
-    def summary(self) -> dict[str, float | int | str]:
-        r = self.ratios.double()
-        ref = self.reference_distances.double() / self.reference_scale
-        return {
-            "reference_kind": self.reference_kind,
-            "reference_median_distance": round(self.reference_scale, 6),
-            "reference_queries": int(self.reference_distances.numel()),
-            "near_copies": int(self.near_copy.sum()),
-            "min_ratio": round(float(r.min()), 6),
-            "p05_ratio": round(float(torch.quantile(r, 0.05)), 6),
-            "median_ratio": round(float(r.median()), 6),
-            "reference_p05_ratio": round(float(torch.quantile(ref, 0.05)), 6),
-        }
-
-
-@dataclass
-class MemorisationByCase:
-    pixel: SpaceResult
-    feature: SpaceResult | None
-    near_copy: torch.Tensor  # (M,) bool: flagged in any space
-    threshold: float
-
-
-def _flat(x: torch.Tensor) -> torch.Tensor:
-    return torch.as_tensor(x).reshape(len(x), -1).float()
-
-
-def _reference(train: torch.Tensor, case_index: np.ndarray, *, max_reference: int | None, seed: int,
-               chunk_size: int) -> tuple[torch.Tensor, str]:
-    rows = np.arange(len(train))
-    if max_reference is not None and max_reference < len(rows):
-        rows = np.sort(np.random.default_rng(seed).choice(rows, size=max_reference, replace=False))
-    cases = np.unique(case_index)
-    if len(cases) < 2:
-        if len(train) < 2:
-            raise DataError("the memorisation check needs at least two training slices")
-        rows_t = torch.as_tensor(rows)
-        ref, _ = nearest_neighbours(train[rows_t], train, exclude_index=rows_t, chunk_size=chunk_size)
-        return ref, "leave_one_out"
-    out = []
-    for c in cases:
-        query = rows[case_index[rows] == c]
-        if len(query):
-            others = torch.as_tensor(np.flatnonzero(case_index != c))
-            d, _ = nearest_neighbours(train[torch.as_tensor(query)], train[others], chunk_size=chunk_size)
-            out.append(d)
-    return torch.cat(out), "other_case"
-
-
-def _space(samples: torch.Tensor, train: torch.Tensor, case_index: np.ndarray, threshold: float,
-           max_reference: int | None, seed: int, chunk_size: int) -> SpaceResult:
-    dist, idx = nearest_neighbours(samples, train, chunk_size=chunk_size)
-    ref, kind = _reference(train, case_index, max_reference=max_reference, seed=seed, chunk_size=chunk_size)
-    scale = float(ref.median())
-    if scale <= 0:
-        raise DataError("the median real-to-real nearest-neighbour distance is 0 (duplicated slices across cases): "
-                        "deduplicate the prepared data before the memorisation check")
-    ratios = dist / scale
-    sorted_ref = ref.sort().values
-    percentiles = torch.searchsorted(sorted_ref, dist, right=True).double() / sorted_ref.numel()
-    return SpaceResult(dist, idx, ratios, percentiles, ratios <= threshold, ref, scale, kind)
-
-
-@torch.no_grad()
 def memorisation_check_by_case(samples: torch.Tensor, train: torch.Tensor, case_index: np.ndarray, *,
                                threshold: float = 1.0 / 3.0,
                                feature_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
                                max_reference: int | None = 2000, seed: int = 0,
-                               chunk_size: int = 2048) -> MemorisationByCase:
-    """Nearest training slice of each synthetic slice against the other-case reference (module docstring).
+                               chunk_size: int = 2048) -> MemorisationResult:
+    """The memorisation check (:func:`~pancreas_gvae.evaluation.metrics.memorisation.memorisation_check`) of
+    synthetic slices against training slices with the other-case reference, its problems as pipeline errors.
 
     ``samples`` ``(M, H, W)`` and ``train`` ``(N, H, W)`` on the same scale (windowed CT in [0, 1]);
     ``case_index`` ``(N,)`` the case of each training slice. ``feature_fn`` maps ``(B, 1, H, W)`` to features.
@@ -221,27 +139,20 @@ def memorisation_check_by_case(samples: torch.Tensor, train: torch.Tensor, case_
     if threshold <= 0:
         raise PipelineError(f"the memorisation threshold must be > 0, got {threshold}")
     samples, train = torch.as_tensor(samples).float(), torch.as_tensor(train).float()
-    case_index = np.asarray(case_index)
     if samples.shape[1:] != train.shape[1:]:
         raise PipelineError(f"synthetic slices {tuple(samples.shape[1:])} and training slices "
                             f"{tuple(train.shape[1:])} differ in size: prepare with the model's data config")
-    if len(case_index) != len(train):
-        raise ValueError("case_index needs one entry per training slice")
-    args = (threshold, max_reference, seed, chunk_size)
-    pixel = _space(_flat(samples), _flat(train), case_index, *args)
-    feature = None
-    if feature_fn is not None:
-        from pancreas_gvae.evaluation.metrics.feature_nets import extract_features
-
-        def feats(x: torch.Tensor) -> torch.Tensor:
-            return extract_features(feature_fn, x[:, None], batch_size=256)
-
-        feature = _space(feats(samples), feats(train), case_index, *args)
-    near = pixel.near_copy | feature.near_copy if feature is not None else pixel.near_copy
-    return MemorisationByCase(pixel, feature, near, threshold)
+    if len(train) < 2:
+        raise DataError("the memorisation check needs at least two training slices")
+    try:
+        return memorisation_check(samples[:, None], train[:, None], case_index=case_index, feature_fn=feature_fn,
+                                  threshold=threshold, max_reference=max_reference, seed=seed,
+                                  chunk_size=chunk_size, batch_size=256)
+    except ValueError as err:  # e.g. slices duplicated across cases: one line for the user
+        raise DataError(f"memorisation check: {err}") from None
 
 
-def memorisation_histogram(result: MemorisationByCase, path: str | Path) -> Path:
+def memorisation_histogram(result: MemorisationResult, path: str | Path) -> Path:
     """Histogram of synthetic-to-nearest-training ratios against the real-to-real (other-case) ratios."""
     import matplotlib
 

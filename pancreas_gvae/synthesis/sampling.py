@@ -1,6 +1,7 @@
 """Sample synthetic CT/mask pairs from a trained generator and export them (NIfTI, PNG, DICOM), tracked in MLflow.
 
-``pipelines/sample.py`` is the command line; :func:`load_from_checkpoint` / :func:`load_from_run` give the EMA
+``pipelines/sample.py`` is the command line; :func:`~pancreas_gvae.synthesis.generator.load_from_checkpoint` /
+:func:`~pancreas_gvae.synthesis.generator.load_from_run` give the EMA
 generator with its training config, :func:`run_sampling` does the rest:
 
 1. ``N`` prior samples ``sigmoid(G(z))``, ``z ~ N(0, I)`` from ``seed`` (:func:`pancreas_gvae.synthesis.slices.generate`);
@@ -20,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,9 +29,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pancreas_gvae.config import Config, default_tracking_uri
+from pancreas_gvae.config import Config
 from pancreas_gvae.errors import PipelineError
 from pancreas_gvae.synthesis.dicom import write_dicom_pairs
+from pancreas_gvae.synthesis.generator import Geometry, LoadedGenerator, infer_geometry
 from pancreas_gvae.synthesis.privacy import (
     load_training_slices,
     memorisation_check_by_case,
@@ -42,22 +43,11 @@ from pancreas_gvae.synthesis.privacy import (
 from pancreas_gvae.synthesis.slices import SyntheticSlices, generate, save_nifti_slices, split_ct_and_mask, window_to_hu
 from pancreas_gvae.tracking.images import image_grid, save_png
 
-__all__ = ["FORMATS", "LoadedGenerator", "SampleOptions", "geometry", "load_from_checkpoint", "load_from_run",
-           "run_sampling", "sample_pairs"]
+__all__ = ["FORMATS", "SampleOptions", "geometry", "run_sampling", "sample_pairs"]
 
 FORMATS = ("nifti", "png", "dicom")
 SUBDIRS = {"nifti": "nifti", "png": "png", "dicom": "dicom"}
 OUTPUT_FILES = ("samples.csv", "summary.json", "grid.png", "memorisation_hist.png")
-
-
-@dataclass
-class LoadedGenerator:
-    generator: torch.nn.Module  # eval mode, CPU
-    config: Config
-    source: str  # "checkpoint" | "mlflow_run"
-    source_run_id: str | None = None
-    experiment: str | None = None  # the source run's experiment name, where known
-    tracking_uri: str | None = None  # where the source run lives, where known
 
 
 @dataclass
@@ -81,98 +71,10 @@ class SampleOptions:
     extra_tags: dict[str, str] = field(default_factory=dict)
 
 
-# ---------------------------------------------------------------------------------------------- loading
-
-
-def _check_generator(generator: torch.nn.Module, config: Config, what: str) -> torch.nn.Module:
-    m = config.model
-    if m.mask_channels != 1:
-        raise PipelineError(f"{what} was trained without a pancreas-mask channel (model.mask_channels = "
-                            f"{m.mask_channels}); sampling CT/mask pairs needs a CT model (pipelines/train_ct.py)")
-    generator = generator.eval().cpu()
-    with torch.no_grad():
-        shape = tuple(generator(torch.zeros(1, m.latent_dim)).shape)
-    expected = (1, m.in_channels, *[m.image_size] * m.spatial_dims)
-    if shape != expected or m.spatial_dims != 2:
-        raise PipelineError(f"{what}: the generator returns {shape}, expected 2D slices {expected}")
-    return generator
-
-
-def load_from_checkpoint(path: str | Path) -> LoadedGenerator:
-    """The EMA generator of a training checkpoint (``OUT/checkpoints/last.pt``) and its config."""
-    from pancreas_gvae.synthesis.bundle import generator_from_state
-    from pancreas_gvae.training.checkpoint import load_checkpoint
-
-    what = f"checkpoint {Path(path)}"
-    state = load_checkpoint(path, map_location="cpu")  # PipelineError when missing or unreadable
-    generator, config = generator_from_state(state, weights="ema", what=what)
-    return LoadedGenerator(_check_generator(generator, config, what), config, "checkpoint",
-                           source_run_id=state.get("mlflow_run_id"), experiment=config.tracking.experiment)
-
-
-def _check_store(uri: str) -> None:
-    """A sqlite store must exist: MLflow would silently create an empty one."""
-    if uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///"):])
-        if not db.is_file():
-            raise PipelineError(f"no MLflow store at {db} (tracking URI {uri}); pass --tracking-uri")
-
-
-def load_from_run(run_id: str, tracking_uri: str | None = None) -> LoadedGenerator:
-    """The generator logged by an MLflow training run (its logged model ``models:/<id>``) and the run's
-    ``config.yaml`` artifact."""
-    import mlflow
-    import mlflow.pytorch
-    import yaml
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    uri = tracking_uri or default_tracking_uri()
-    _check_store(uri)
-    client = MlflowClient(tracking_uri=uri)
-    try:
-        run = client.get_run(run_id)
-    except MlflowException:
-        raise PipelineError(f"MLflow run {run_id!r} not found in {uri}") from None
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            local = client.download_artifacts(run_id, "config.yaml", tmp)
-            raw = yaml.safe_load(Path(local).read_text())
-        except Exception:  # noqa: BLE001 - missing artifact, unreadable store: one line for the user
-            raise PipelineError(f"MLflow run {run_id} has no readable config.yaml artifact; is it a pancreas-gvae "
-                                "training run?") from None
-    config = Config.from_dict(raw)
-    models = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id='{run_id}'")
-    models = sorted(models, key=lambda m: (m.name != "generator", -(m.creation_timestamp or 0)))
-    if not models:
-        raise PipelineError(f"MLflow run {run_id} logged no generator model (trained with tracking.log_model=false?); "
-                            "sample from its checkpoint instead: --checkpoint OUT/checkpoints/last.pt")
-    mlflow.set_tracking_uri(uri)
-    try:
-        generator = mlflow.pytorch.load_model(models[0].model_uri, map_location="cpu")
-    except Exception as err:  # noqa: BLE001 - any failure to restore the model is the user's to see, in one line
-        raise PipelineError(f"could not load the generator {models[0].model_uri} of run {run_id}: "
-                            f"{type(err).__name__}: {err}") from None
-    experiment = client.get_experiment(run.info.experiment_id).name
-    return LoadedGenerator(_check_generator(generator, config, f"MLflow run {run_id}"), config, "mlflow_run",
-                           source_run_id=run_id, experiment=experiment, tracking_uri=uri)
-
-
-# ---------------------------------------------------------------------------------------------- sampling
-
-
-@dataclass
-class Geometry:
-    pixel_mm: tuple[float, float]  # (row, column) mm
-    window: tuple[float, float]
-    image_size: int
-    notes: tuple[str, ...] = ()
-
-
-def geometry(config: Config):
-    """The data config and the pixel size / HU window of the training slices
-    (:func:`pancreas_gvae.synthesis.bundle.infer_geometry`, as the training job's own NIfTI samples)."""
-    from pancreas_gvae.synthesis.bundle import infer_geometry
+def geometry(config: Config) -> tuple[Any, Geometry]:
+    """The data config and the geometry of the training slices
+    (:func:`pancreas_gvae.synthesis.generator.infer_geometry`, as the training job's own NIfTI samples), with
+    the gaps filled for writing files: 1 mm pixels when unknown, a nominal HU window when there was none."""
     from pancreas_gvae.data.ct.config import data_config
 
     if "ct" not in (config.data or {}):
@@ -180,16 +82,20 @@ def geometry(config: Config):
     data = data_config(config)
     geo = infer_geometry(config)
     notes = tuple(geo.notes)
-    if geo.spacing:
-        spacing = (float(geo.spacing[-1]), float(geo.spacing[0]))  # infer_geometry gives (x, y); rows run along y
-    else:
-        spacing = (1.0, 1.0)
+    spacing = tuple(float(v) for v in geo.spacing) if geo.spacing else (1.0, 1.0)
+    if not geo.spacing:
         notes += ("pixel size unknown (fit crop without preprocess.spacing): 1 mm written",)
     lo, hi = (float(v) for v in (geo.window or data.preprocess.hu_window))
     if geo.window is None:
         notes += (f"HU are NOMINAL: [0, 1] mapped to data.ct.preprocess.hu_window [{lo:g}, {hi:g}] only so that "
                   "the exports and the plausibility filter have units; the training data had no known window",)
-    return data, Geometry(spacing, (lo, hi), int(config.model.image_size), notes)
+    return data, Geometry(spacing, (lo, hi), notes)
+
+
+def row_col_mm(spacing: tuple[float, ...]) -> tuple[float, float]:
+    """(row, column) mm of a slice from a geometry's (x, y) spacing: rows run along y. The one place the order
+    changes, for the writers that want it (DICOM PixelSpacing, the samples' summary)."""
+    return float(spacing[-1]), float(spacing[0])
 
 
 def sample_pairs(loaded: LoadedGenerator, n: int, seed: int, window: tuple[float, float], *,
@@ -239,6 +145,7 @@ def run_sampling(loaded: LoadedGenerator, opts: SampleOptions) -> dict[str, Any]
     if opts.memorisation_check and opts.prepared is None:
         raise PipelineError("--memorisation-check needs --prepared DIR (the prepare output: manifest.csv, cache/)")
     data, geo = geometry(loaded.config)
+    pixel_mm, image_size = row_col_mm(geo.spacing), int(loaded.config.model.image_size)
     real = manifest = None
     if opts.memorisation_check:  # read the training slices first: a bad --prepared fails before anything is written
         real, manifest = load_training_slices(opts.prepared, data, max_slices=opts.max_train_slices, seed=opts.seed)
@@ -253,7 +160,7 @@ def run_sampling(loaded: LoadedGenerator, opts: SampleOptions) -> dict[str, Any]
         "source": {"kind": loaded.source, "run_id": loaded.source_run_id},
         "model_kind": loaded.config.model.kind, "weights": "ema", "seed": opts.seed, "generated": opts.n,
         "formats": list(formats),
-        "geometry": {"image_size": geo.image_size, "pixel_mm": list(geo.pixel_mm), "hu_window": list(geo.window),
+        "geometry": {"image_size": image_size, "pixel_mm": list(pixel_mm), "hu_window": list(geo.window),
                      "notes": list(geo.notes)},
     }
 
@@ -294,7 +201,7 @@ def run_sampling(loaded: LoadedGenerator, opts: SampleOptions) -> dict[str, Any]
         summary["memorisation"] = {
             "threshold": mem.threshold, "training_slices": int(len(real.images)),
             "training_cases": int(len(np.unique(real.case_index))), "compared": "windowed CT channel, "
-            f"{geo.image_size}x{geo.image_size} px (training fit {data.sampling.fit})",
+            f"{image_size}x{image_size} px (training fit {data.sampling.fit})",
             "near_copies": int(mem.near_copy.sum()), "excluded": int(mem.near_copy.sum()),
             "pixel": mem.pixel.summary(),
             **({"feature": {**mem.feature.summary(), "feature_net": f"SliceAutoencoder, {opts.feature_steps} steps, "
@@ -313,14 +220,14 @@ def run_sampling(loaded: LoadedGenerator, opts: SampleOptions) -> dict[str, Any]
     written: dict[str, int] = {}
     if len(kept):
         if "nifti" in formats:
-            written["nifti"] = len(save_nifti_slices(kept_slices, out / SUBDIRS["nifti"], pixel_mm=geo.pixel_mm[0]))
+            written["nifti"] = len(save_nifti_slices(kept_slices, out / SUBDIRS["nifti"], pixel_mm=pixel_mm[0]))
         if "png" in formats:
             for name, k in zip(export_names, kept):
                 save_png(_pair_png(samples[k]), out / SUBDIRS["png"] / f"{name}.png")
             written["png"] = len(kept)
         if "dicom" in formats:
             pairs = write_dicom_pairs(kept_slices.ct, kept_slices.mask, out / SUBDIRS["dicom"],
-                                      pixel_mm=geo.pixel_mm, window=geo.window)
+                                      pixel_mm=pixel_mm, window=geo.window)
             written["dicom"] = 2 * len(pairs)
     # the grid never shows a near-copy: kept pairs, or (nothing kept) the pairs only the filter dropped
     not_copies = np.flatnonzero(~mem.near_copy.numpy()) if mem is not None else np.arange(opts.n)

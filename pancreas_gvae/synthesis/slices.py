@@ -1,4 +1,4 @@
-"""Synthetic CT slices with their masks: sampling from a generator and writing NIfTI.
+"""Synthetic CT slices with their masks: the one seeded prior sampler (:func:`prior_batches`), the CT / mask\nsplit, HU, and NIfTI writing.
 
 Slices are in the cache's radiological display layout (rows anterior -> posterior,
 columns patient right -> left), so the NIfTI affine maps column i to RAS x = -i*s
@@ -7,6 +7,7 @@ and row j to RAS y = -j*s: viewers show them the right way round.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,16 +23,29 @@ class SyntheticSlices:
 
 
 @torch.no_grad()
+def prior_batches(generator: torch.nn.Module, n: int, *, latent_dim: int, seed: int,
+                  device: torch.device | str = "cpu", batch_size: int = 64) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(z, G(z))`` per batch of at most ``batch_size``: the project's one way to draw prior samples.
+
+    All ``n`` codes ``z ~ N(0, I)`` are drawn up front on the CPU from ``torch.Generator().manual_seed(seed)``,
+    so sample ``i`` depends only on ``(seed, i)``, never on the batch size or the device; ``G(z)`` (logits)
+    comes back as a CPU float tensor. The generator is used in whatever mode it is in.
+    """
+    n, batch_size = int(n), int(batch_size)
+    if n < 1 or batch_size < 1:
+        raise ValueError(f"n and batch_size must be >= 1, got {n} and {batch_size}")
+    z_all = torch.randn(n, latent_dim, generator=torch.Generator().manual_seed(int(seed)))
+    for start in range(0, n, batch_size):
+        z = z_all[start:start + batch_size]
+        yield z, generator(z.to(device)).float().cpu()
+
+
 def generate(generator: torch.nn.Module, n: int, *, latent_dim: int, seed: int,
              device: torch.device | str = "cpu", batch_size: int = 64) -> torch.Tensor:
-    """``n`` samples ``sigmoid(G(z))``, ``z ~ N(0, I)`` from a seeded RNG, as a CPU float tensor."""
-    g = torch.Generator().manual_seed(seed)
+    """``n`` samples ``sigmoid(G(z))`` from :func:`prior_batches`, as a CPU float tensor (``generator`` in eval mode)."""
     generator = generator.eval()
-    out = []
-    for start in range(0, n, batch_size):
-        z = torch.randn(min(batch_size, n - start), latent_dim, generator=g).to(device)
-        out.append(torch.sigmoid(generator(z)).float().cpu())
-    return torch.cat(out)
+    return torch.cat([torch.sigmoid(x) for _, x in prior_batches(generator, n, latent_dim=latent_dim, seed=seed,
+                                                                  device=device, batch_size=batch_size)])
 
 
 def split_ct_and_mask(x: torch.Tensor, *, mask_channels: int = 1, threshold: float = 0.5) -> SyntheticSlices:

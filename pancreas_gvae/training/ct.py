@@ -18,12 +18,13 @@ from pancreas_gvae.data.ct.config import DataConfig
 from pancreas_gvae.data.ct.phantom import make_phantom_cohort
 from pancreas_gvae.data.ct.prepare import prepare_dataset
 from pancreas_gvae.errors import DataError, PipelineError
-from pancreas_gvae.synthesis.bundle import export_bundle, infer_geometry
+from pancreas_gvae.synthesis.bundle import export_bundle
+from pancreas_gvae.synthesis.generator import infer_geometry
 from pancreas_gvae.synthesis.slices import generate, save_nifti_slices, split_ct_and_mask, window_to_hu
 from pancreas_gvae.training import distributed
 from pancreas_gvae.training.batches import DatasetBatches
 from pancreas_gvae.tracking.images import image_grid, save_png
-from pancreas_gvae.transforms.slice_dataset import CTSliceDataset
+from pancreas_gvae.transforms.slice_dataset import CTSliceDataset, read_slices
 
 # Manifest columns that may leave the preparation folder: no case ids, no paths.
 SHAREABLE_COLUMNS = ["layout", "status", "reason", "has_label", "input_intensity", "shape", "spacing",
@@ -94,8 +95,7 @@ def preview_slices(prepared: Path, manifest: pd.DataFrame, data: DataConfig, n: 
 
 def stack_inputs(dataset: CTSliceDataset, n: int) -> torch.Tensor:
     """The first ``n`` items of the dataset's current epoch as model inputs ``(N, C + 1, H, W)``."""
-    items = (dataset[i] for i in range(min(n, len(dataset))))
-    return torch.stack([torch.cat([item["image"], item["label"]]) for item in items])
+    return slices_at(dataset, dataset.order[:n])
 
 
 class MaskMonitor:
@@ -186,10 +186,10 @@ def draw_like_training(ds, n: int, pos_fraction: float | None, seed: int) -> tup
     return rows, f"pancreas share {share:.2f} (training draw {pos_fraction}; all slices of these cases {natural:.2f})"
 
 
-def slices_at(ds, rows) -> torch.Tensor:
+def slices_at(ds: CTSliceDataset, rows) -> torch.Tensor:
     """Model inputs ``(N, C + 1, H, W)`` for the given slice rows of ``ds`` (CT channel(s) + mask)."""
-    ds.order = np.asarray(rows)
-    return stack_inputs(ds, len(rows))
+    got = read_slices(ds, rows)
+    return torch.cat([got["image"], got["label"]], dim=1)
 
 
 def shareable_manifest(manifest: pd.DataFrame) -> pd.DataFrame:

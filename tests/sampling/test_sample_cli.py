@@ -15,9 +15,10 @@ from mlflow.tracking import MlflowClient
 
 from pancreas_gvae.config import load_config
 from pancreas_gvae.data.ct.manifest import to_frame, write_manifest
-from pancreas_gvae.synthesis.bundle import generator_kwargs
+from pancreas_gvae.synthesis.generator import generator_kwargs
 from pancreas_gvae.models.networks import Generator
-from pancreas_gvae.synthesis.sampling import LoadedGenerator, SampleOptions, load_from_checkpoint, run_sampling
+from pancreas_gvae.synthesis.generator import LoadedGenerator, load_from_checkpoint
+from pancreas_gvae.synthesis.sampling import SampleOptions, run_sampling
 from pancreas_gvae.training.checkpoint import save_checkpoint
 from pancreas_gvae.data.ct.config import data_config
 from pancreas_gvae.pipelines import sample as sample_cli

@@ -10,6 +10,9 @@ reference distribution is either
 - otherwise the training set's leave-one-out nearest-neighbour distances
   :math:`\min_{i' \ne i} \lVert t_i - t_{i'}\rVert` (smaller than held-out distances where the training set
   holds near-duplicates, e.g. adjacent CT slices of one patient, so it is the stricter reference).
+- ``case_index`` given (the case of each training image, for CT slices): each training slice's distance to
+  the nearest slice of *another* case (``other_case``; neighbouring slices of one patient are near-duplicates,
+  so they must not set the scale), or leave-one-out when there is a single case (``leave_one_out``).
 
 Per sample this module returns :math:`d_j`, :math:`i^*(j)`, the ratio
 :math:`\rho_j = d_j / \operatorname{median}(\text{reference})`, the percentile of :math:`d_j` within the
@@ -35,6 +38,7 @@ from __future__ import annotations
 
 from typing import Callable, NamedTuple
 
+import numpy as np
 import torch
 
 from pancreas_gvae.evaluation.metrics.mmd import pairwise_sq_distances, subsample
@@ -112,7 +116,22 @@ class MemorisationSpace(NamedTuple):
     near_copy: torch.Tensor  # bool, ratios <= threshold
     reference_distances: torch.Tensor  # real-to-real nearest-training distances (held-out or leave-one-out)
     reference_scale: float  # median of reference_distances
-    reference_kind: str  # "heldout" or "train_leave_one_out"
+    reference_kind: str  # "heldout", "train_leave_one_out", "other_case" or "leave_one_out" (one case)
+
+    def summary(self) -> dict[str, float | int | str]:
+        """The numbers a report needs: reference, near-copy count, smallest and typical ratios."""
+        r = self.ratios.double()
+        ref = self.reference_distances.double() / self.reference_scale
+        return {
+            "reference_kind": self.reference_kind,
+            "reference_median_distance": round(self.reference_scale, 6),
+            "reference_queries": int(self.reference_distances.numel()),
+            "near_copies": int(self.near_copy.sum()),
+            "min_ratio": round(float(r.min()), 6),
+            "p05_ratio": round(float(torch.quantile(r, 0.05)), 6),
+            "median_ratio": round(float(r.median()), 6),
+            "reference_p05_ratio": round(float(torch.quantile(ref, 0.05)), 6),
+        }
 
 
 class MemorisationResult(NamedTuple):
@@ -124,10 +143,32 @@ class MemorisationResult(NamedTuple):
     threshold: float
 
 
+def _other_case_reference(train: torch.Tensor, case_index: np.ndarray, *, max_reference: int | None, seed: int,
+                          chunk_size: int, dtype: torch.dtype) -> tuple[torch.Tensor, str]:
+    """Each (sampled) training row's distance to the nearest row of another case; leave-one-out for one case."""
+    rows = np.arange(len(train))
+    if max_reference is not None and max_reference < len(rows):
+        rows = np.sort(np.random.default_rng(seed).choice(rows, size=max_reference, replace=False))
+    cases = np.unique(case_index)
+    if len(cases) < 2:
+        rows_t = torch.as_tensor(rows)
+        ref, _ = nearest_neighbours(train[rows_t], train, exclude_index=rows_t, chunk_size=chunk_size, dtype=dtype)
+        return ref, "leave_one_out"
+    out = []
+    for c in cases:
+        query = rows[case_index[rows] == c]
+        if len(query):
+            others = torch.as_tensor(np.flatnonzero(case_index != c))
+            d, _ = nearest_neighbours(train[torch.as_tensor(query)], train[others], chunk_size=chunk_size, dtype=dtype)
+            out.append(d)
+    return torch.cat(out), "other_case"
+
+
 def _space(
     samples: torch.Tensor,
     train: torch.Tensor,
     heldout: torch.Tensor | None,
+    case_index: np.ndarray | None,
     threshold: float,
     max_reference: int | None,
     seed: int,
@@ -135,7 +176,10 @@ def _space(
     dtype: torch.dtype,
 ) -> MemorisationSpace:
     dist, idx = nearest_neighbours(samples, train, chunk_size=chunk_size, dtype=dtype)
-    if heldout is not None:
+    if case_index is not None:
+        ref, kind = _other_case_reference(train, case_index, max_reference=max_reference, seed=seed,
+                                          chunk_size=chunk_size, dtype=dtype)
+    elif heldout is not None:
         queries = subsample(heldout, max_reference, seed=seed)
         ref, _ = nearest_neighbours(queries, train, chunk_size=chunk_size, dtype=dtype)
         kind = "heldout"
@@ -165,6 +209,7 @@ def memorisation_check(
     train: torch.Tensor,
     *,
     heldout: torch.Tensor | None = None,
+    case_index: np.ndarray | None = None,
     feature_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
     threshold: float = 1.0 / 3.0,
     max_reference: int | None = 2000,
@@ -179,11 +224,16 @@ def memorisation_check(
     (e.g. [0, 1]); flattened. ``feature_fn``: optional network features (applied in batches of
     ``batch_size``); the same check then also runs in that space. ``max_reference``: at most this many
     reference queries (held-out images, or training rows for leave-one-out), seeded by ``seed``.
+    ``case_index`` ``(N,)``: the case of each training image; the reference is then other-case (module docstring).
     """
     if threshold <= 0:
         raise ValueError(f"threshold must be > 0, got {threshold}")
+    if case_index is not None:
+        case_index = np.asarray(case_index)
+        if len(case_index) != len(train):
+            raise ValueError("case_index needs one entry per training image")
     args = (threshold, max_reference, seed, chunk_size, dtype)
-    pixel = _space(samples, train, heldout, *args)
+    pixel = _space(samples, train, heldout, case_index, *args)
     feature = None
     if feature_fn is not None:
         from pancreas_gvae.evaluation.metrics.feature_nets import extract_features
@@ -191,6 +241,6 @@ def memorisation_check(
         def feats(x: torch.Tensor | None) -> torch.Tensor | None:
             return None if x is None else extract_features(feature_fn, x, batch_size=batch_size)
 
-        feature = _space(feats(samples), feats(train), feats(heldout), *args)
+        feature = _space(feats(samples), feats(train), feats(heldout), case_index, *args)
     near = pixel.near_copy | feature.near_copy if feature is not None else pixel.near_copy
     return MemorisationResult(pixel, feature, near, threshold)
