@@ -229,6 +229,7 @@ def evaluate_model(model, ema_generator: torch.nn.Module, data: EvalData, *, lat
 
 def mask_columns(test: torch.Tensor, samples: torch.Tensor, data: EvalData, *, seed: int) -> dict[str, float]:
     """Mask realism, label fidelity and TSTR of ``samples`` (CT image + mask) against the held-out slices."""
+    from pancreas_gvae.segmentation import scoring
     from pancreas_gvae.segmentation import unet as S
 
     k = data.mask_channels
@@ -241,8 +242,8 @@ def mask_columns(test: torch.Tensor, samples: torch.Tensor, data: EvalData, *, s
     refs = data.segmentation
     if refs is not None:
         synthetic = S.SliceSet(fake_img.contiguous(), fake_mask.contiguous(), ["synthetic"] * len(samples))
-        out["fidelity_dice"] = S.label_fidelity(refs.segmenter, synthetic, pixel_mm=refs.pixel_mm)["fidelity/dice"]
-        tstr = S.tstr(synthetic, refs.real_train, refs.real_test, steps=refs.steps, batch_size=16, seed=seed,
+        out["fidelity_dice"] = scoring.label_fidelity(refs.segmenter, synthetic, pixel_mm=refs.pixel_mm)["fidelity/dice"]
+        tstr = scoring.tstr(synthetic, refs.real_train, refs.real_test, steps=refs.steps, batch_size=16, seed=seed,
                       pixel_mm=refs.pixel_mm, real_model=refs.segmenter, augment=refs.augment)
         out["tstr_dice"], out["tstr_ratio"] = tstr["tstr/dice_synthetic"], tstr["tstr/ratio"]
         out["real_dice"] = refs.real_dice

@@ -82,6 +82,7 @@ def ct_eval_data(args, cfg):
     precision/recall) and the segmenter (label fidelity, TSTR's real arm) are trained on training-case
     slices only.
     """
+    from pancreas_gvae.segmentation import scoring, splits
     from pancreas_gvae.segmentation import unet as S
     from pancreas_gvae.data.ct.config import check_model_matches_data, data_config, fit_options
     from pancreas_gvae.training import ct
@@ -103,11 +104,11 @@ def ct_eval_data(args, cfg):
     else:
         if len(cases) < 2:
             raise PipelineError(f"a held-out split by case needs >= 2 usable cases; {len(cases)} in {prepared}")
-        split = S.split_cases(cases, test_fraction=args.test_fraction, seed=0)
+        split = splits.split_cases(cases, test_fraction=args.test_fraction, seed=0)
         train_cases, test_cases = list(split.train), list(split.test)
         test_prepared = prepared
-        man_train = S.restrict_manifest(manifest, train_cases)
-        man_test = S.restrict_manifest(manifest, test_cases)
+        man_train = splits.restrict_manifest(manifest, train_cases)
+        man_test = splits.restrict_manifest(manifest, test_cases)
         split_note = f"{len(test_cases)} held-out case(s) of {len(cases)} (split by case, seed 0)"
     pos_fraction = data_cfg.sampling.pos_fraction
     ds_test = CTSliceDataset.from_config(test_prepared, data_cfg, man_test, seed=0)
@@ -132,8 +133,8 @@ def ct_eval_data(args, cfg):
         augment = bool(getattr(args, "seg_augment", False))
         segmenter, _ = S.train_unet(real_train, None, steps=seg_steps, batch_size=16, ratio=0.0, seed=0,
                                     augment=augment)
-        pixel_mm = S.slice_pixel_mm(data_cfg)
-        real_dice = S.evaluate_model(segmenter, real_test, pixel_mm=pixel_mm)["dice"]
+        pixel_mm = scoring.slice_pixel_mm(data_cfg)
+        real_dice = scoring.evaluate_model(segmenter, real_test, pixel_mm=pixel_mm)["dice"]
         segmentation = SegmentationRefs(segmenter, real_train, real_test, seg_steps, pixel_mm, real_dice, augment)
     print(f"ct: {len(train_cases)} train case(s), {len(test_cases)} held-out case(s); {n_eval} eval + {n_val} val "
           f"held-out slices, {share_note}; feature net {feature_net}"

@@ -40,6 +40,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from pancreas_gvae.segmentation import scoring, splits
+
 from pancreas_gvae.segmentation import unet as S
 from pancreas_gvae.errors import DataError, PipelineError
 
@@ -52,13 +54,13 @@ COLUMNS = ["fraction", "arm", "fold", "seed", "n_labelled_cases", "n_unlabelled_
 # ----------------------------------------------------------------------------- design
 
 
-def patient_folds(cases: Sequence[str], k: int, *, seed: int = 0) -> list[S.CaseSplit]:
+def patient_folds(cases: Sequence[str], k: int, *, seed: int = 0) -> list[splits.CaseSplit]:
     """``k`` seeded folds by patient: fold i tests every k-th patient of one permutation, trains on the rest."""
     ids = sorted(set(map(str, cases)))
     if k < 2 or k > len(ids):
         raise PipelineError(f"--folds must be in [2, {len(ids)}] for {len(ids)} patients, got {k}")
     perm = [ids[i] for i in np.random.default_rng([seed, 15485863]).permutation(len(ids))]
-    return [S.CaseSplit(train=sorted(set(ids) - set(perm[i::k])), test=sorted(perm[i::k]), seed=seed)
+    return [splits.CaseSplit(train=sorted(set(ids) - set(perm[i::k])), test=sorted(perm[i::k]), seed=seed)
             for i in range(k)]
 
 
@@ -121,25 +123,25 @@ def train_or_reuse_generator(spec: GeneratorSpec, prepared: Path, manifest: pd.D
     out = root / spec.key
     ckpt = checkpoint_path(out)
     seen = sorted(set(spec.labelled) | set(spec.unlabelled))
-    split = S.CaseSplit(train=seen, test=spec.test, seed=spec.seed)
+    split = splits.CaseSplit(train=seen, test=spec.test, seed=spec.seed)
     if ckpt.is_file() and (out / "done").is_file():
-        S.check_generator_split(ckpt, split)
+        splits.check_generator_split(ckpt, split)
         return ckpt
     data = data_config(cfg)
     check_model_matches_data(cfg, data)
-    restricted = S.restrict_manifest(manifest, seen)
+    restricted = splits.restrict_manifest(manifest, seen)
     batches = ct.slice_batches(prepared, restricted, data, cfg, cases=seen, withhold_labels=spec.unlabelled)
     if set(batches.dataset.case_ids) & set(spec.test):
         raise PipelineError("generator data holds a test patient")  # cannot happen; guard
-    preview = ct.preview_slices(prepared, S.restrict_manifest(manifest, spec.labelled), data,
+    preview = ct.preview_slices(prepared, splits.restrict_manifest(manifest, spec.labelled), data,
                                 cfg.train.num_samples // 2, cfg.train.seed)
-    S.write_split(split, out)
+    splits.write_split(split, out)
     train_run(cfg, batches, preview, out_dir=out, resume=ckpt.is_file(), run_name=f"generator-{spec.key}",
               tags={**tags, "n_labelled_cases": str(len(spec.labelled)),
                     "n_unlabelled_cases": str(len(spec.unlabelled)), "purpose": "downstream-generator"},
               progress=False)
     (out / "done").write_text("trained\n")
-    S.check_generator_split(ckpt, split)
+    splits.check_generator_split(ckpt, split)
     return ckpt
 
 
@@ -232,11 +234,11 @@ class Recipe:
     filter_threshold: float = 0.5
 
 
-def run_group(*, fraction: float, fold: int, seed: int, split: S.CaseSplit, arms: list[str], done: set,
+def run_group(*, fraction: float, fold: int, seed: int, split: splits.CaseSplit, arms: list[str], done: set,
               load: Callable[[list[str]], S.SliceSet], test: S.SliceSet, generator: Callable[[str], Path | None],
               recipe: Recipe, pixel_mm: float, on_row: Callable[[dict], None]) -> None:
     """Train and score the missing arms of one (fraction, fold, seed); ``on_row`` gets each finished row."""
-    labelled = S.subset_cases(split.train, fraction, seed)
+    labelled = splits.subset_cases(split.train, fraction, seed)
     unlabelled = sorted(set(split.train) - set(labelled))
     todo = [a for a in arms if (fraction, a, fold, seed) not in done]
     if not todo:
@@ -273,7 +275,7 @@ def run_group(*, fraction: float, fold: int, seed: int, split: S.CaseSplit, arms
             judge = model
         if arm not in todo:
             continue
-        m = S.evaluate_model(model, test, pixel_mm=pixel_mm)
+        m = scoring.evaluate_model(model, test, pixel_mm=pixel_mm)
         on_row({"fraction": fraction, "arm": arm, "fold": fold, "seed": seed, "n_labelled_cases": len(labelled),
                 "n_unlabelled_cases": len(unlabelled) if mode == "semi" else 0, "n_real_slices": len(real),
                 "n_synthetic": len(synthetic) if synthetic is not None else 0, "generator": key,

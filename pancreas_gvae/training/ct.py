@@ -122,6 +122,7 @@ class MaskMonitor:
         import math
 
         from pancreas_gvae.evaluation import metrics as M
+        from pancreas_gvae.segmentation import scoring
         from pancreas_gvae.segmentation import unet as S
 
         samples = generate(trainer.ema_generator, self.n_samples, latent_dim=self.latent_dim, seed=self.seed,
@@ -130,10 +131,10 @@ class MaskMonitor:
         scores = M.mask_scores(self.real_img, self.real_mask, fake_img, fake_mask, pixel_mm=self.pixel_mm)
         if self.segmenter is not None:
             synthetic = S.SliceSet(fake_img, fake_mask, ["synthetic"] * len(samples))
-            scores.update(S.label_fidelity(self.segmenter, synthetic, pixel_mm=self.pixel_mm or 1.0))
+            scores.update(scoring.label_fidelity(self.segmenter, synthetic, pixel_mm=self.pixel_mm or 1.0))
             if self.tstr_steps > 0:
                 real = S.SliceSet(self.real_img, self.real_mask, [])
-                scores.update(S.tstr(synthetic, real, real, steps=self.tstr_steps, batch_size=16, seed=self.seed,
+                scores.update(scoring.tstr(synthetic, real, real, steps=self.tstr_steps, batch_size=16, seed=self.seed,
                                      pixel_mm=self.pixel_mm or 1.0, real_model=self.segmenter))
         return {k: float(v) for k, v in scores.items() if math.isfinite(float(v))}
 

@@ -285,7 +285,7 @@ def test_nih_yaml_matches_the_declared_settings():
 
 def test_rows_towards_anterior_turns_an_upside_down_set_the_right_way_up(tmp_path):
     """A slice with a bright band at the top (row 0), declared upside down, is stored with the band at the bottom."""
-    from pancreas_gvae.data.ct.slice_sets import slice_affine
+    from pancreas_gvae.data.ct.slice_stacks import slice_affine
     from pancreas_gvae.transforms.cache import to_store_layout
 
     vol = np.zeros((8, 8, 1), np.float32)
@@ -329,7 +329,8 @@ def test_nih_slices_prepare_as_39_patients(nih):
 
 
 def test_nih_slice_items_hold_pancreas_and_the_split_is_by_patient(nih):
-    from pancreas_gvae.segmentation.unet import load_slices, split_cases
+    from pancreas_gvae.segmentation.splits import split_cases
+    from pancreas_gvae.segmentation.unet import load_slices
 
     out, manifest, _ = nih
     ds = CTSliceDataset(out, manifest, size=128, pos_fraction=None, fit="crop")

@@ -17,7 +17,8 @@ from pancreas_gvae.data.ct.pairing import resample_label_to_image
 from pancreas_gvae.data.ct.prepare import prepare_dataset
 from pancreas_gvae.errors import PipelineError
 from pancreas_gvae.transforms.cache import case_as_dict, load_cached_case, to_store_layout
-from pancreas_gvae.transforms.ct import build_sampling_chain, resample_to_spacing
+from pancreas_gvae.transforms.ct import build_sampling_chain
+from pancreas_gvae.transforms.spatial import resample_to_spacing
 from pancreas_gvae.transforms.slice_dataset import CTSliceDataset, list_slices
 
 REPO = Path(__file__).resolve().parents[2]
@@ -94,7 +95,7 @@ def test_label_resampling_fast_path_equals_scipy_path():
 def test_body_crop_gives_cropforegroundds_box(slice_major):
     from monai.transforms import CropForegroundd
 
-    from pancreas_gvae.transforms.ct import BodyCropd
+    from pancreas_gvae.transforms.spatial import BodyCropd
 
     vol = np.full((40, 60, 50), -1000.0, dtype=np.float32)
     vol[5:30, 10:50, 7:44] = 40.0

@@ -9,6 +9,8 @@ import pandas as pd
 import pytest
 import torch
 
+from pancreas_gvae.segmentation import scoring, splits
+
 from pancreas_gvae.segmentation import unet as seg
 from pancreas_gvae.errors import PipelineError
 
@@ -38,17 +40,17 @@ def cohort(tmp_path_factory):
 
 def test_split_is_by_case_without_overlap_and_fractions_stay_in_train():
     ids = [f"PANCREAS_{i:04d}" for i in range(1, 11)]
-    split = seg.split_cases(ids, test_fraction=0.4, seed=3)
+    split = splits.split_cases(ids, test_fraction=0.4, seed=3)
     assert not set(split.train) & set(split.test)
     assert sorted(split.train + split.test) == ids and len(split.test) == 4
-    assert seg.split_cases(ids, test_fraction=0.4, seed=3) == split  # fixed by the seed
+    assert splits.split_cases(ids, test_fraction=0.4, seed=3) == split  # fixed by the seed
     for f in (0.01, 0.1, 0.5, 1.0):
-        sub = seg.subset_cases(split.train, f, seed=1)
+        sub = splits.subset_cases(split.train, f, seed=1)
         assert 1 <= len(sub) <= len(split.train) and set(sub) <= set(split.train)
-    assert set(seg.subset_cases(split.train, 0.5, 2)) <= set(seg.subset_cases(split.train, 1.0, 2))
+    assert set(splits.subset_cases(split.train, 0.5, 2)) <= set(splits.subset_cases(split.train, 1.0, 2))
     with pytest.raises(PipelineError):
-        seg.CaseSplit(train=["a", "b"], test=["b"])
-    two = seg.split_cases(["a", "b"], test_fraction=0.5, seed=0)
+        splits.CaseSplit(train=["a", "b"], test=["b"])
+    two = splits.split_cases(["a", "b"], test_fraction=0.5, seed=0)
     assert len(two.train) == len(two.test) == 1
 
 
@@ -57,14 +59,14 @@ def test_perfect_prediction_scores_dice_1_and_hd95_0():
     label = torch.zeros(3, 1, 32, 32)
     label[0, 0, 8:16, 8:16] = 1
     label[1, 0, 10:20, 5:9] = 1  # slice 2: no pancreas
-    res = seg.evaluate_predictions(label.clone(), label, pixel_mm=2.0)
+    res = scoring.evaluate_predictions(label.clone(), label, pixel_mm=2.0)
     assert res["dice"] == pytest.approx(1.0) and res["hd95"] == pytest.approx(0.0)
     assert res["dice_all"] == pytest.approx(1.0) and res["n_pancreas_slices"] == 2
-    empty = seg.evaluate_predictions(torch.zeros_like(label), label, pixel_mm=2.0)
+    empty = scoring.evaluate_predictions(torch.zeros_like(label), label, pixel_mm=2.0)
     assert empty["dice"] == pytest.approx(0.0)
     assert empty["hd95"] == pytest.approx(2.0 * (32**2 + 32**2) ** 0.5)  # missed organ: the image diagonal
     shifted = torch.roll(label, 2, dims=-1)
-    assert seg.evaluate_predictions(shifted, label, pixel_mm=2.0)["hd95"] == pytest.approx(4.0)
+    assert scoring.evaluate_predictions(shifted, label, pixel_mm=2.0)["hd95"] == pytest.approx(4.0)
 
 
 def test_batches_mix_synthetic_at_the_ratio_with_the_same_size():
@@ -81,8 +83,8 @@ def test_generators_see_only_their_patients_and_withheld_masks_stay_withheld(coh
     from pancreas_gvae.segmentation import experiment as D
 
     root, cfg, manifest = cohort
-    cases = seg.ok_cases(manifest)
-    split = seg.CaseSplit(train=cases[:3], test=cases[3:])
+    cases = splits.ok_cases(manifest)
+    split = splits.CaseSplit(train=cases[:3], test=cases[3:])
     seen = []
 
     def fake_train_run(cfg, batches, preview, **kw):
@@ -115,7 +117,7 @@ def test_generators_see_only_their_patients_and_withheld_masks_stay_withheld(coh
     assert len(seen) == 2, "a finished generator is reused"
     ckpt = tmp_path / "gen" / semi.key / "checkpoints" / "last.pt"
     with pytest.raises(PipelineError, match="leak"):
-        seg.check_generator_split(ckpt, seg.CaseSplit(train=split.test, test=split.train))
+        splits.check_generator_split(ckpt, splits.CaseSplit(train=split.test, test=split.train))
 
 
 def test_patient_folds_test_every_patient_once():

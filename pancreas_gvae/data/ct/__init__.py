@@ -1,1 +1,1 @@
-"""CT data: phantom cohort, TCIA download, DICOM/NIfTI reading and pairing."""
+"""CT data: discovery, checks, pairing, slice sets, preparation into the cache, manifest, phantom, TCIA download."""

@@ -105,7 +105,7 @@ def _prepare_case(case: CaseSource, cache_dir: Path, cfg: DataConfig, pancreas_v
             from monai.data import MetaTensor
             import torch
 
-            from pancreas_gvae.data.ct.slice_sets import read_slice_case
+            from pancreas_gvae.data.ct.slice_stacks import read_slice_case
 
             stack = read_slice_case(case, cfg, has_label=has_label)
             notes += stack.notes
