@@ -54,7 +54,7 @@ class LossConfig:
     vae_likelihood: str = "bernoulli"  # bernoulli | gaussian (VAE baseline and ELBO)
     gaussian_sigma: float = 0.1
     d_gate_loss: float | None = None  # skip D's update while its loss is below this
-    diffaugment: str = ""  # DiffAugment policies for D, e.g. "translation,cutout,color" (pancreas_gvae/training/diffaugment.py)
+    diffaugment: str = ""  # DiffAugment policies for D, e.g. "translation,cutout,color" (pancreas_gvae/diffaugment.py)
 
 
 @dataclass
