@@ -1,4 +1,4 @@
-"""Time every metric of pancreas_gvae.metrics on 10,000 samples against 10,000 real 28×28 images, on the CPU.
+"""Time every metric of pancreas_gvae.evaluation.metrics on 10,000 samples against 10,000 real 28×28 images, on the CPU.
 
 Real images: the MNIST test split from ../shared/data/mnist when present, else uniform noise. "Samples":
 the real images shifted by one pixel plus Gaussian noise (timing does not depend on their quality).
@@ -25,7 +25,7 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pancreas_gvae import metrics as M  # noqa: E402
+from pancreas_gvae.evaluation import metrics as M  # noqa: E402
 
 MNIST = REPO.parent / "shared" / "data" / "mnist"
 
@@ -132,7 +132,7 @@ def main() -> int:
         )
 
     width = max(len(r[0]) for r in rows)
-    print(f"pancreas_gvae.metrics benchmark: {n} samples vs {n} real 28×28 images; real = {source}")
+    print(f"pancreas_gvae.evaluation.metrics benchmark: {n} samples vs {n} real 28×28 images; real = {source}")
     cpu = platform.processor() or platform.machine()
     py = platform.python_version()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, {cpu}, python {py}")

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_prepare_ct.py --cases 2 [--size 512] [--slices 250] [--workdir /tmp/bench_ct]
 
-1. Writes ``--cases`` phantom cases (pancreas_gvae.ct.phantom, TCIA layout) unless they already exist.
+1. Writes ``--cases`` phantom cases (pancreas_gvae.data.ct.phantom, TCIA layout) unless they already exist.
 2. Prepares them in a child process (workers=1): seconds per case and the child's peak RSS.
 3. One epoch of 2D slice samples (every slice once, ``--slice-size`` square) three ways:
    from the cache (CTSliceDataset), through the naive MONAI chain run every epoch (LoadImaged with
@@ -45,7 +45,7 @@ def cpu_model() -> str:
 
 
 def make_cohort(root: Path, cases: int, size: int, slices: int) -> float:
-    from pancreas_gvae.ct.phantom import label_path, make_phantom_cohort
+    from pancreas_gvae.data.ct.phantom import label_path, make_phantom_cohort
 
     done = all(label_path(root, i).is_file() and (root / "Pancreas-CT" / f"PANCREAS_{i:04d}").is_dir()
                for i in range(1, cases + 1))
@@ -60,7 +60,7 @@ def make_cohort(root: Path, cases: int, size: int, slices: int) -> float:
 
 
 def _prepare_child(data: str, out: str) -> None:
-    from pancreas_gvae.ct.prepare import prepare_dataset
+    from pancreas_gvae.data.ct.prepare import prepare_dataset
 
     prepare_dataset(data, out, force=True, progress=False)
 
@@ -85,7 +85,7 @@ def epoch_cached(out: Path, size: int) -> tuple[float, int]:
     on a busy machine two OpenMP threads per tiny slice op mostly wait for each other)."""
     import torch
 
-    from transforms.slice_dataset import CTSliceDataset
+    from pancreas_gvae.transforms.slice_dataset import CTSliceDataset
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -105,7 +105,7 @@ def _slices_of(image, label, size: int) -> int:
     """Every axial slice of a (1, x, y, z) RAS volume through the same per-slice fit as the dataset."""
     import numpy as np
 
-    from transforms.slice_dataset import fit_slice
+    from pancreas_gvae.transforms.slice_dataset import fit_slice
 
     img = image.as_tensor()[0]
     lab = label.as_tensor()[0].float()
@@ -121,7 +121,7 @@ def epoch_naive_monai(data: Path, size: int) -> tuple[float, int]:
     from monai.transforms import (Compose, CropForegroundd, EnsureChannelFirstd, LoadImaged, Orientationd,
                                   ScaleIntensityRanged, Spacingd)
 
-    from pancreas_gvae.ct.discovery import discover
+    from pancreas_gvae.data.ct.discovery import discover
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -148,10 +148,10 @@ def epoch_naive_monai(data: Path, size: int) -> tuple[float, int]:
 
 
 def epoch_own_chain(data: Path, size: int) -> tuple[float, int]:
-    from pancreas_gvae.ct.config import DataConfig
-    from pancreas_gvae.ct.dicom_series import candidate_files, scan_dicom_files
-    from pancreas_gvae.ct.discovery import discover
-    from transforms.ct import build_preprocess_chain
+    from pancreas_gvae.data.ct.config import DataConfig
+    from pancreas_gvae.data.ct.dicom_series import candidate_files, scan_dicom_files
+    from pancreas_gvae.data.ct.discovery import discover
+    from pancreas_gvae.transforms.ct import build_preprocess_chain
 
     cfg = DataConfig()
     chain = build_preprocess_chain(cfg, cfg.pancreas_values("tcia"))

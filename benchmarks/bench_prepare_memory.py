@@ -2,7 +2,7 @@
 
     python benchmarks/bench_prepare_memory.py --cases 20 --size 512 --slices 250 --workers 2
 
-1. Writes ``--cases`` phantom cases (pancreas_gvae.ct.phantom, TCIA layout, ``--size``² x ``--slices``) into a
+1. Writes ``--cases`` phantom cases (pancreas_gvae.data.ct.phantom, TCIA layout, ``--size``² x ``--slices``) into a
    temporary folder (``--workdir`` to keep and reuse them instead); nothing is committed.
 2. Runs the real ``prepare_dataset(..., workers=--workers)`` in this process. Each spawned worker measures
    every case it prepares: its peak RSS reset before the case (``/proc/self/clear_refs``) and read after it
@@ -28,7 +28,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pancreas_gvae.ct import prepare as prepare_mod  # noqa: E402
+from pancreas_gvae.data.ct import prepare as prepare_mod  # noqa: E402
 
 GOAL_WORKER_PEAK_GB = 3.0
 _LOG_ENV = "BENCH_PREPARE_MEMORY_LOG"
@@ -96,7 +96,7 @@ class TreeSampler(threading.Thread):
 
 
 def make_cohort(root: Path, cases: int, size: int, slices: int) -> float:
-    from pancreas_gvae.ct.phantom import make_phantom_cohort
+    from pancreas_gvae.data.ct.phantom import make_phantom_cohort
 
     stamp = root / f".phantom-{cases}-{size}-{slices}"
     if stamp.is_file():
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from benchmarks._common import header
-    from pancreas_gvae.ct.config import DataConfig
+    from pancreas_gvae.data.ct.config import DataConfig
 
     print(header())
     print(f"load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")

@@ -59,7 +59,7 @@ class LossConfig:
     vae_likelihood: str = "bernoulli"  # bernoulli | gaussian (VAE baseline and ELBO)
     gaussian_sigma: float = 0.1
     d_gate_loss: float | None = None  # skip D's update while its loss is below this
-    diffaugment: str = ""  # DiffAugment policies for D, e.g. "translation,cutout,color" (pancreas_gvae/diffaugment.py)
+    diffaugment: str = ""  # DiffAugment policies for D, e.g. "translation,cutout,color" (pancreas_gvae/training/diffaugment.py)
 
 
 @dataclass
@@ -137,7 +137,7 @@ class Config:
             )
         if self.loss.adversarial not in ("nonsaturating", "hinge"):
             raise PipelineError(f"loss.adversarial must be nonsaturating or hinge, got {self.loss.adversarial!r}")
-        from pancreas_gvae.diffaugment import parse_policy
+        from pancreas_gvae.training.diffaugment import parse_policy
 
         try:
             parse_policy(self.loss.diffaugment)

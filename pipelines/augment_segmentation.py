@@ -7,7 +7,7 @@
         --seeds 0 --ratios 0.5,1,2 --semi --unet-steps 2000 --out ~/pgvae-runs/downstream-nih
     # the phantom (the quick one): no --data-root
 
-Protocol (details: pancreas_gvae/downstream.py)
+Protocol (details: pancreas_gvae/segmentation/experiment.py)
   * patients are cut into --folds seeded folds; each fold is the test set once (or: --test-data-root, an
     external cohort's patients, with every --data-root patient for training);
   * fraction f: round(f * n_train) labelled training patients (>= 1), drawn with the seed, nested;
@@ -34,13 +34,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from pancreas_gvae import downstream as D
-from pancreas_gvae import segmentation as seg
+from pancreas_gvae.segmentation import experiment as D
+from pancreas_gvae.segmentation import scoring, splits
+from pancreas_gvae.segmentation import unet as seg
 from pancreas_gvae.config import load_config
-from pancreas_gvae.ct.config import fit_options
-from pancreas_gvae.ct.discovery import LAYOUTS
+from pancreas_gvae.data.ct.config import check_model_matches_data, data_config, fit_options
+from pancreas_gvae.data.ct.discovery import LAYOUTS
 from pancreas_gvae.errors import PipelineError, run_cli
-from pancreas_gvae.evaluation_data import prepare_cohort, prepare_main_cohort
+from pancreas_gvae.evaluation.heldout import prepare_cohort, prepare_main_cohort
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -102,27 +103,27 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [f"train.steps={args.generator_steps}", "tracking.log_model=false", "tracking.system_metrics=false",
                  f"tracking.experiment={args.experiment}", *args.overrides] + ([f"tracking.tracking_uri={args.tracking_uri}"] if args.tracking_uri else [])
     gcfg = load_config(args.config, overrides)
-    data = ct.data_config(gcfg)
-    ct.check_model_matches_data(gcfg, data)
+    data = data_config(gcfg)
+    check_model_matches_data(gcfg, data)
     args.out.mkdir(parents=True, exist_ok=True)
     prepared, manifest, cases = prepare_main_cohort(ct, args, gcfg, data)
-    size, fit, pixel_mm = data.sampling.slice_size, fit_options(data), seg.slice_pixel_mm(data)
+    size, fit, pixel_mm = data.sampling.slice_size, fit_options(data), scoring.slice_pixel_mm(data)
     if args.test_data_root is not None:
         test_prepared = args.out / "prepared-test"
         test_manifest, test_cases = prepare_cohort(ct, args.test_data_root, test_prepared, data,
                                                    labels=args.test_labels, layout=args.test_layout,
                                                    pancreas_label=args.test_pancreas_label)
-        folds = [seg.CaseSplit(train=cases, test=test_cases)]  # an id in both cohorts is refused here
+        folds = [splits.CaseSplit(train=cases, test=test_cases)]  # an id in both cohorts is refused here
     else:
         folds = D.patient_folds(cases, args.folds, seed=0)
 
     def load(which: list[str]) -> seg.SliceSet:
-        return seg.load_slices(prepared, seg.restrict_manifest(manifest, which), which, size=size, **fit)
+        return seg.load_slices(prepared, splits.restrict_manifest(manifest, which), which, size=size, **fit)
 
-    def load_test(split: seg.CaseSplit) -> seg.SliceSet:
+    def load_test(split: splits.CaseSplit) -> seg.SliceSet:
         if args.test_data_root is None:
             return load(split.test)
-        return seg.load_slices(test_prepared, seg.restrict_manifest(test_manifest, split.test), split.test,
+        return seg.load_slices(test_prepared, splits.restrict_manifest(test_manifest, split.test), split.test,
                                size=size, **fit)
 
     recipe = D.Recipe(steps=args.unet_steps, batch_size=args.batch_size, lr=args.lr, pos_fraction=args.pos_fraction,
@@ -170,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             test = load_test(split)
             for fraction in args.fractions:
                 for seed in args.seeds:
-                    labelled = seg.subset_cases(split.train, fraction, seed)
+                    labelled = splits.subset_cases(split.train, fraction, seed)
                     unlabelled = sorted(set(split.train) - set(labelled))
 
                     def generator(mode: str, labelled=labelled, unlabelled=unlabelled, seed=seed) -> Path:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pancreas_gvae.ct.tcia import DEFAULT_BASE_URL, DEFAULT_COLLECTION, download_collection
+from pancreas_gvae.data.ct.tcia import DEFAULT_BASE_URL, DEFAULT_COLLECTION, download_collection
 from pancreas_gvae.errors import run_cli
 
 

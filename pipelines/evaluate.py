@@ -9,7 +9,7 @@
 Every model is trained by ``train_run`` (same steps, batch size and config; one MLflow run each),
 nested under one parent MLflow run ("evaluation") that holds the results table. Writes
 OUT/results.csv (one row per model and seed) and OUT/results.md (mean ± sd per model, best marked).
-Metric definitions and what each is computed on: ``pancreas_gvae/evaluation.py``.
+Metric definitions and what each is computed on: ``pancreas_gvae/evaluation/compare.py``.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 
 from pancreas_gvae.config import MODEL_KINDS, load_config
-from pancreas_gvae.ct.discovery import LAYOUTS
+from pancreas_gvae.data.ct.discovery import LAYOUTS
 from pancreas_gvae.errors import PipelineError, run_cli
-from pancreas_gvae.evaluation import evaluate_model, render_markdown, results_frame
-from pancreas_gvae.evaluation_data import ct_eval_data, mnist_eval_data
+from pancreas_gvae.evaluation.compare import evaluate_model, render_markdown, results_frame
+from pancreas_gvae.evaluation.heldout import ct_eval_data, mnist_eval_data
 from pancreas_gvae.training.run import checkpoint_path, train_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -121,8 +121,8 @@ GRID_N = 16  # prior samples (and held-out slices) per model in the comparison g
 
 def _save_sample_grid(generator, latent_dim: int, mask_channels: int, seed: int, path: Path) -> Path:
     """``GRID_N`` prior samples of the EMA generator from a seeded code (the same codes for every model)."""
-    from pancreas_gvae.synthetic import generate
-    from pancreas_gvae.viz import image_grid, save_png
+    from pancreas_gvae.synthesis.slices import generate
+    from pancreas_gvae.tracking.images import image_grid, save_png
 
     device = next(generator.parameters()).device
     x = generate(generator, GRID_N, latent_dim=latent_dim, seed=seed, device=device)
@@ -134,7 +134,7 @@ def _compare_grids(data, models: list[str], seed: int, budget: int, out: Path) -
     import numpy as np
     from PIL import Image
 
-    from pancreas_gvae.viz import image_grid, save_png, side_by_side
+    from pancreas_gvae.tracking.images import image_grid, save_png, side_by_side
 
     panels = {"real (held-out)": image_grid(data.test[:GRID_N], nrow=4, mask_channels=data.mask_channels)}
     for model in models:
@@ -148,7 +148,7 @@ def _compare_grids(data, models: list[str], seed: int, budget: int, out: Path) -
 
 def _plot_learning_curves(frame, out: Path) -> list[Path]:
     """OUT/curve-<metric>.png: each model's mean over seeds against training steps."""
-    from pancreas_gvae.evaluation import plot_curves
+    from pancreas_gvae.evaluation.compare import plot_curves
 
     paths = []
     for metric in ("fid_feature", "kid_feature", "recall", "precision", "fidelity_dice", "tstr_ratio",

@@ -13,7 +13,8 @@ import argparse
 from pathlib import Path
 
 from pancreas_gvae.errors import PipelineError, run_cli
-from pancreas_gvae.export.bundle import DEFAULT_NAME, export_bundle, generator_from_checkpoint, infer_geometry
+from pancreas_gvae.synthesis.bundle import DEFAULT_NAME, export_bundle
+from pancreas_gvae.synthesis.generator import generator_from_checkpoint, infer_geometry
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

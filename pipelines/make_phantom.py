@@ -4,7 +4,7 @@
 
 Layout: OUT/Pancreas-CT/PANCREAS_0001/<study>/<series>/1-001.dcm ... and
 OUT/TCIA_pancreas_labels-02-05-2017/label0001.nii.gz. The same seed gives byte-identical files.
-Geometry and conventions: see pancreas_gvae/ct/phantom.py.
+Geometry and conventions: see pancreas_gvae/data/ct/phantom.py.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import argparse
 import time
 from pathlib import Path
 
-from pancreas_gvae.ct.phantom import label_path, render_phantom_case, write_phantom_case
+from pancreas_gvae.data.ct.phantom import label_path, render_phantom_case, write_phantom_case
 from pancreas_gvae.errors import PipelineError, run_cli
 
 

@@ -18,8 +18,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pancreas_gvae.ct.discovery import LAYOUTS
-from pancreas_gvae.ct.manifest import MANIFEST_NAME, format_summary
+from pancreas_gvae.data.ct.discovery import LAYOUTS
+from pancreas_gvae.data.ct.manifest import MANIFEST_NAME, format_summary
 from pancreas_gvae.errors import PipelineError, run_cli
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "data" / "default.yaml"
@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
-    from pancreas_gvae.ct.prepare import prepare_dataset  # heavy imports (torch, MONAI, ITK) after --help
+    from pancreas_gvae.data.ct.prepare import prepare_dataset  # heavy imports (torch, MONAI, ITK) after --help
 
     df = prepare_dataset(args.data_root, args.out, labels=args.labels, layout=args.layout,
                          pancreas_label=args.pancreas_label, config=args.config, workers=args.workers,

@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         raise PipelineError(f"--prepared {args.prepared} is not a folder")
     if args.n < 1:
         raise PipelineError(f"--n must be at least 1, got {args.n}")
-    from pancreas_gvae.sampling import SampleOptions, load_from_checkpoint, load_from_run, run_sampling
+    from pancreas_gvae.synthesis.generator import load_from_checkpoint, load_from_run
+    from pancreas_gvae.synthesis.sampling import SampleOptions, run_sampling
 
     loaded = (load_from_checkpoint(args.checkpoint) if args.checkpoint is not None
               else load_from_run(args.run_id, args.tracking_uri))

@@ -26,12 +26,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from pancreas_gvae import segmentation as S
+from pancreas_gvae.segmentation import scoring, splits
+
+from pancreas_gvae.segmentation import unet as S
 from pancreas_gvae.config import load_config
-from pancreas_gvae.ct.config import fit_options
-from pancreas_gvae.ct.discovery import LAYOUTS
+from pancreas_gvae.data.ct.config import data_config, fit_options
+from pancreas_gvae.data.ct.discovery import LAYOUTS
 from pancreas_gvae.errors import PipelineError, run_cli
-from pancreas_gvae.evaluation_data import prepare_main_cohort
+from pancreas_gvae.evaluation.heldout import prepare_main_cohort
 
 ARMS = ("none", "classic")
 
@@ -62,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     import mlflow
 
     from pancreas_gvae.training import ct
-    from pancreas_gvae.evaluation import plot_curves
+    from pancreas_gvae.evaluation.compare import plot_curves
 
     args = parse_args(argv)
     arms = [a for a in args.augment.split(",") if a]
@@ -72,15 +74,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps < args.every or args.every < 1:
         raise PipelineError("--every must be >= 1 and <= --steps")
     cfg = load_config(args.config, args.overrides)
-    data_cfg = ct.data_config(cfg)
+    data_cfg = data_config(cfg)
     args.out.mkdir(parents=True, exist_ok=True)
     prepared, manifest, cases = prepare_main_cohort(ct, args, cfg, data_cfg)
-    train_cases = S.split_cases(cases, test_fraction=args.test_fraction, seed=0).train
-    fit_val = S.split_cases(train_cases, test_fraction=args.val_fraction, seed=1)
+    train_cases = splits.split_cases(cases, test_fraction=args.test_fraction, seed=0).train
+    fit_val = splits.split_cases(train_cases, test_fraction=args.val_fraction, seed=1)
     size, fit = data_cfg.sampling.slice_size, fit_options(data_cfg)
-    train = S.load_slices(prepared, S.restrict_manifest(manifest, fit_val.train), fit_val.train, size=size, **fit)
-    val = S.load_slices(prepared, S.restrict_manifest(manifest, fit_val.test), fit_val.test, size=size, **fit)
-    pixel_mm = S.slice_pixel_mm(data_cfg)
+    train = S.load_slices(prepared, splits.restrict_manifest(manifest, fit_val.train), fit_val.train, size=size, **fit)
+    val = S.load_slices(prepared, splits.restrict_manifest(manifest, fit_val.test), fit_val.test, size=size, **fit)
+    pixel_mm = scoring.slice_pixel_mm(data_cfg)
     print(f"{len(fit_val.train)} training patients ({len(train)} slices), {len(fit_val.test)} validation patients "
           f"({len(val)} slices); {len(cases) - len(train_cases)} test patients not loaded; {pixel_mm:.2f} mm/pixel")
 
@@ -99,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                 if len(done) and int(done["step"].max()) >= args.steps:
                     print(f"{arm} seed {seed}: in {path}, skipped")
                 else:
-                    rows = S.learning_curve(train, val, steps=args.steps, every=args.every,
+                    rows = scoring.learning_curve(train, val, steps=args.steps, every=args.every,
                                             batch_size=args.batch_size, seed=seed, pixel_mm=pixel_mm,
                                             augment=arm == "classic")
                     new = pd.DataFrame([{"arm": arm, "seed": seed, **r} for r in rows])
@@ -111,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         curves = {}
         for arm in arms:
             mean = frame[frame["arm"] == arm].groupby("step")["dice"].agg(["mean", "std", "count"]).reset_index()
-            budget = S.budget_from_curve(mean["step"], mean["mean"])
+            budget = scoring.budget_from_curve(mean["step"], mean["mean"])
             best = mean.loc[mean["step"] == budget].iloc[0]
             print(f"{arm}: budget {budget} steps (validation Dice {best['mean']:.3f}, best {mean['mean'].max():.3f} "
                   f"at step {int(mean.loc[mean['mean'].idxmax(), 'step'])}, {int(best['count'])} seed(s))")

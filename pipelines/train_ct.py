@@ -13,7 +13,8 @@ import argparse
 from pathlib import Path
 
 from pancreas_gvae.config import MODEL_KINDS, load_config
-from pancreas_gvae.ct.discovery import LAYOUTS
+from pancreas_gvae.data.ct.config import check_model_matches_data, data_config
+from pancreas_gvae.data.ct.discovery import LAYOUTS
 from pancreas_gvae.errors import run_cli
 from pancreas_gvae.training import ct, distributed
 from pancreas_gvae.training.run import train_run
@@ -55,8 +56,8 @@ def _cli_overrides(args: argparse.Namespace) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = load_config(args.config, _cli_overrides(args))
-    data = ct.data_config(cfg)
-    ct.check_model_matches_data(cfg, data)
+    data = data_config(cfg)
+    check_model_matches_data(cfg, data)
     device = distributed.init_distributed(cfg.train.device)
     try:
         cfg.train.device = str(device)  # under torchrun: this rank's GPU
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
                                   pancreas_label=args.pancreas_label, workers=args.workers)
         distributed.barrier()
         if not distributed.is_main_process():
-            from pancreas_gvae.ct.manifest import read_manifest
+            from pancreas_gvae.data.ct.manifest import read_manifest
 
             manifest = read_manifest(prepared)
         batches = ct.slice_batches(prepared, manifest, data, cfg, num_workers=int(cfg.data.get("loader_workers", 0)))

@@ -109,7 +109,7 @@ def test_data_section_stays_untyped():
 
 
 def test_cli_refuses_a_bad_value_before_making_any_data(tmp_path, capsys):
-    from pipelines import train_ct
+    from pancreas_gvae.pipelines import train_ct
 
     out = tmp_path / "out"
     code = train_ct.main(["--set", "train.steps=abc", "--out", str(out)])

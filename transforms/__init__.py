@@ -1,0 +1,1 @@
+"""MONAI transforms and the slice cache, installed as ``pancreas_gvae.transforms`` (the folder stays at the top)."""

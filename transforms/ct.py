@@ -15,14 +15,13 @@ Deterministic chain (:func:`build_preprocess_chain`), on ``{"image": <ordered DI
     ScaleIntensityRanged  HU window -> [0, 1], clipped
 
 An image-only case (no label) runs the chain on ``image`` alone, without the two label steps.
-Every check raises :class:`~pancreas_gvae.ct.checks.CaseExcluded`; MONAI wraps errors raised inside
+Every check raises :class:`~pancreas_gvae.data.ct.checks.CaseExcluded`; MONAI wraps errors raised inside
 ``Compose`` in a RuntimeError, so callers use :func:`unwrap_exclusion` to get it back. Non-fatal findings
 are appended to ``d["qc"]["notes"]``.
 """
 
 from __future__ import annotations
 
-import math
 import re
 import zlib
 from collections.abc import Hashable, Mapping, Sequence
@@ -42,12 +41,11 @@ from monai.transforms import (
     Orientationd,
     RandCropByPosNegLabeld,
     ScaleIntensityRanged,
-    SpatialCropd,
     SpatialPadd,
 )
 from monai.utils import ensure_tuple
 
-from pancreas_gvae.ct.checks import (
+from pancreas_gvae.data.ct.checks import (
     CaseExcluded,
     check_affine,
     check_finite,
@@ -56,13 +54,14 @@ from pancreas_gvae.ct.checks import (
     hu_outlier_note,
     label_hu_stats,
 )
-from pancreas_gvae.ct.config import DataConfig, InputIntensityConfig
-from pancreas_gvae.ct.pairing import (
+from pancreas_gvae.data.ct.config import DataConfig, InputIntensityConfig
+from pancreas_gvae.data.ct.pairing import (
     check_label_extent,
     non_integer_label_note,
     pancreas_mask,
     resample_label_to_image,
 )
+from pancreas_gvae.transforms.spatial import BodyCropd, SeparableSpacingd, affine_of, spacing_of
 
 QC_KEY = "qc"  # per-case numbers the checks measured (HU range, label stats), for the manifest
 _AXIS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))  # explicit, so MONAI does not warn about its default
@@ -72,7 +71,7 @@ class DicomSeriesReader(ITKReader):
     """MONAI's ITKReader, fed an explicit ordered list of slice files instead of a folder.
 
     On a folder ITKReader lets GDCM group and order the files (first series UID wins); we pass the series
-    chosen and ordered by :func:`pancreas_gvae.ct.dicom_series.scan_dicom_files` so both are explicit and
+    chosen and ordered by :func:`pancreas_gvae.data.ct.dicom_series.scan_dicom_files` so both are explicit and
     reported. ITK's GDCM decodes compressed transfer syntaxes (JPEG 2000 included). Only spacing is kept
     as metadata: DICOM tags (patient name, dates, UIDs) never enter the MetaTensor.
     """
@@ -166,8 +165,8 @@ class LoadCTd(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             src = d[key]
-            if isinstance(src, MetaTensor):  # already read: a 2D slice set's stack (pancreas_gvae.ct.slice_sets)
-                check_affine(_affine(src), f"{key} (slice stack)", self.max_shear_degrees)
+            if isinstance(src, MetaTensor):  # already read: a 2D slice set's stack (pancreas_gvae.data.ct.slice_sets)
+                check_affine(affine_of(src), f"{key} (slice stack)", self.max_shear_degrees)
                 continue
             is_dicom = isinstance(src, (list, tuple))
             if not is_dicom and not _is_nifti(src):
@@ -185,12 +184,12 @@ class LoadCTd(MapTransform):
                 text = _reader_message(err)
                 kind = "truncated_file" if isinstance(err, EOFError) or "ended before" in text else "unreadable_file"
                 raise CaseExcluded(kind, f"cannot read the {key} ({what}): {text}") from err
-            check_affine(_affine(d[key]), f"{key} ({what})", self.max_shear_degrees)
+            check_affine(affine_of(d[key]), f"{key} ({what})", self.max_shear_degrees)
         return d
 
 
 class InputIntensityd(MapTransform):
-    """Apply the cohort's input intensity mapping (:class:`~pancreas_gvae.ct.config.InputIntensityConfig`).
+    """Apply the cohort's input intensity mapping (:class:`~pancreas_gvae.data.ct.config.InputIntensityConfig`).
 
     ``hu``: nothing to do. ``display``: values outside ``display_range`` mean the declaration is wrong
     (``implausible_hu``); with a known ``window`` the values are mapped back to HU in place (the window's
@@ -245,7 +244,7 @@ class CheckImaged(MapTransform):
                 check_hu_scale(lo, hi, self.intensity.hu_floor)
                 _note(d, hu_outlier_note(arr, lo, hi, self.outlier_range))
             d.setdefault(QC_KEY, {}).update(hu_min=lo, hu_max=hi, shape=list(arr.shape[1:]),
-                                            spacing=_spacing(d[key]))
+                                            spacing=spacing_of(d[key]))
         return d
 
 
@@ -269,7 +268,7 @@ class PairLabeld(MapTransform):
         lab = label.numpy()[0]
         check_finite(lab, "label")
         _note(d, non_integer_label_note(lab))
-        img_aff, lab_aff = _affine(image), _affine(label)
+        img_aff, lab_aff = affine_of(image), affine_of(label)
         img_shape = tuple(image.shape[1:])
         check_label_extent(img_aff, img_shape, lab_aff, lab.shape, self.tol)
         mask = pancreas_mask(lab, self.values)
@@ -313,109 +312,6 @@ class CheckLabelHUd(MapTransform):
         return d
 
 
-def _spacing(img) -> list[float]:
-    return [float(v) for v in np.linalg.norm(_affine(img)[:3, :3], axis=0)]
-
-
-def _affine(img) -> np.ndarray:
-    aff = img.affine
-    return aff.numpy().astype(np.float64) if isinstance(aff, torch.Tensor) else np.asarray(aff, dtype=np.float64)
-
-
-def resample_to_spacing(img: MetaTensor, pixdim: Sequence[float | None], mode: str) -> MetaTensor:
-    """Resample along the array axes to ``pixdim`` mm (None / <= 0 keeps an axis); the first voxel stays put.
-
-    MONAI's Spacingd builds a dense sampling grid: on a 512x512x250 volume that took 5 s and 3 GB here.
-    Linear interpolation is separable, so one gather-and-blend pass per axis (numpy ``take``, which beats
-    torch ``index_select`` on inner axes by far) gives the same values in under a second, without a grid.
-    The output affine is ``A @ diag(new / old)``: exact for any input affine, since we sample along the
-    existing axes. ``mode``: ``linear`` or ``nearest``.
-    """
-    aff = _affine(img)
-    x = img.numpy()[0]
-    # Volumes here are usually laid out slice-major ((k, j, i) in memory, as ITK reads them): work on the
-    # C-ordered transposed view rather than paying for a transposing copy.
-    flipped = x.strides[0] < x.strides[-1]
-    x = np.ascontiguousarray(x.T if flipped else x)  # no copy unless cropped, and never a transposing one
-    for axis, target in enumerate(pixdim[:3]):
-        if target is None or target <= 0:
-            continue
-        current = float(np.linalg.norm(aff[:3, axis]))
-        if abs(target - current) <= 1e-4 * current:
-            continue
-        ax = 2 - axis if flipped else axis
-        n = x.shape[ax]
-        n_out = max(1, int(math.floor((n - 1) * current / target + 1e-6)) + 1)
-        pos = np.arange(n_out) * (target / current)
-        if mode == "nearest":
-            x = np.take(x, np.minimum(np.rint(pos).astype(np.int64), n - 1), axis=ax)
-        else:
-            i0 = np.minimum(np.floor(pos).astype(np.int64), n - 1)
-            shape = [1] * x.ndim
-            shape[ax] = n_out
-            w = (pos - i0).astype(x.dtype).reshape(shape)
-            lo = np.take(x, i0, axis=ax)
-            hi = np.take(x, np.minimum(i0 + 1, n - 1), axis=ax)
-            hi -= lo
-            hi *= w
-            lo += hi
-            x = lo
-        aff[:3, axis] *= target / current
-    x = (x.T if flipped else x)[None]
-    meta = {k: v for k, v in img.meta.items() if k != "affine"}
-    return MetaTensor(torch.from_numpy(x), affine=torch.as_tensor(aff), meta=meta)
-
-
-class SeparableSpacingd(MapTransform):
-    """:func:`resample_to_spacing` on each key (``mode`` per key: ``linear`` or ``nearest``)."""
-
-    def __init__(self, keys: KeysCollection, pixdim: Sequence[float | None], mode: Sequence[str] | str = "linear"):
-        super().__init__(keys)
-        self.pixdim = list(pixdim)
-        self.mode = ensure_tuple(mode) if not isinstance(mode, str) else (mode,) * len(self.keys)
-
-    def __call__(self, data):
-        d = dict(data)
-        for key, mode in self.key_iterator(d, self.mode):
-            d[key] = resample_to_spacing(d[key], self.pixdim, mode)
-        return d
-
-
-def body_box(hu: np.ndarray, threshold: float, margin: int) -> list[slice]:
-    """Bounding box (slices per axis) of the voxels above ``threshold`` (the body, and the table), plus a margin.
-
-    The same box as MONAI's CropForegroundd, from two passes in memory order: its per-axis ``any`` over a
-    strided 512x512x250 mask took ~1 s here, these projections a tenth of that.
-    """
-    above = hu > threshold
-    flipped = above.strides[0] < above.strides[-1]
-    m = above.T if flipped else above  # C-ordered view
-    plane = m.any(axis=0)
-    proj = [m.any(axis=(1, 2)), plane.any(axis=1), plane.any(axis=0)]
-    if flipped:
-        proj = proj[::-1]
-    box = []
-    for p in proj:
-        hits = np.flatnonzero(p)
-        if hits.size == 0:
-            raise CaseExcluded("implausible_hu", f"no voxel above {threshold:g} HU: no body to crop")
-        box.append(slice(max(int(hits[0]) - margin, 0), min(int(hits[-1]) + 1 + margin, len(p))))
-    return box
-
-
-class BodyCropd(MapTransform):
-    """Crop every key to :func:`body_box` of ``source_key`` (MONAI SpatialCropd does the cropping)."""
-
-    def __init__(self, keys: KeysCollection, source_key: str, threshold: float, margin: int):
-        super().__init__(keys)
-        self.source_key, self.threshold, self.margin = source_key, threshold, margin
-
-    def __call__(self, data):
-        d = dict(data)
-        box = body_box(d[self.source_key].numpy()[0], self.threshold, self.margin)
-        return SpatialCropd(self.keys, roi_slices=box)(d)
-
-
 def build_preprocess_chain(cfg: DataConfig, pancreas_values: Sequence[int], *, has_label: bool = True) -> Compose:
     """The deterministic chain (cached per case); see the module docstring for the steps.
 
@@ -448,7 +344,7 @@ def build_preprocess_chain(cfg: DataConfig, pancreas_values: Sequence[int], *, h
 def build_sampling_chain(cfg: DataConfig) -> Compose:
     """Random part for 3D (or 2D, with a patch depth of 1) patches from a cached case dict.
 
-    Input: :func:`transforms.cache.case_as_dict` (``image``/``label`` as ``(1, slices, rows, cols)``);
+    Input: :func:`pancreas_gvae.transforms.cache.case_as_dict` (``image``/``label`` as ``(1, slices, rows, cols)``);
     output: ``patch_num_samples`` dicts with ``patch_size`` patches, a ``patch_pos : patch_neg`` share
     centred on pancreas.
     """

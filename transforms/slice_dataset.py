@@ -12,7 +12,7 @@ slices without pancreas (``pos_fraction`` is the share of slices known to hold p
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from pancreas_gvae.errors import DataError
-from transforms.cache import META_NAME, cache_root, load_cached_case
+from pancreas_gvae.transforms.cache import META_NAME, cache_root, load_cached_case
 
 FIT_MODES = ("resize", "crop")
 
@@ -33,7 +33,7 @@ def _ok_cases(root: Path, manifest: pd.DataFrame | str | Path | None) -> dict[st
     if manifest is None:
         return {p.name: None for p in sorted(root.iterdir()) if (p / META_NAME).is_file()}
     if not isinstance(manifest, pd.DataFrame):
-        from pancreas_gvae.ct.manifest import read_manifest
+        from pancreas_gvae.data.ct.manifest import read_manifest
 
         manifest = read_manifest(manifest)
     ok = manifest[manifest["status"] == "ok"]
@@ -151,8 +151,8 @@ class CTSliceDataset(Dataset):
     def from_config(cls, cache_dir: str | Path, cfg, manifest: pd.DataFrame | str | Path | None = None, *,
                     cases: Iterable[str] | None = None, seed: int = 0,
                     withhold_labels: Iterable[str] = ()) -> CTSliceDataset:
-        """The dataset as ``cfg.sampling`` (a :class:`~pancreas_gvae.ct.config.DataConfig`) describes it."""
-        from pancreas_gvae.ct.config import fit_options
+        """The dataset as ``cfg.sampling`` (a :class:`~pancreas_gvae.data.ct.config.DataConfig`) describes it."""
+        from pancreas_gvae.data.ct.config import fit_options
 
         s = cfg.sampling
         return cls(cache_dir, manifest, size=s.slice_size, pos_fraction=s.pos_fraction,
@@ -260,6 +260,32 @@ class CTSliceDataset(Dataset):
         y0 = min(max(cy - s // 2, 0), h - s)
         x0 = min(max(cx - s // 2, 0), w - s)
         return image[:, y0:y0 + s, x0:x0 + s], label[:, y0:y0 + s, x0:x0 + s]
+
+
+def read_slices(ds: CTSliceDataset, rows: Sequence[int] | None = None, *, max_slices: int | None = None,
+                seed: int = 0) -> dict[str, Any]:
+    """The project's one "load these slices" helper: rows of ``ds.slices`` as stacked float32 tensors.
+
+    ``rows`` default to every slice of the dataset's cases in (case, slice) order; ``max_slices`` keeps a
+    seeded random subset (in order). Each slice is read from the memory-mapped cache and fitted to the
+    dataset's slice size before it is stacked, so no whole volume is ever held. Returns ``image``
+    ``(N, C, H, W)``, ``label`` ``(N, 1, H, W)``, ``has_label`` ``(N,)``, ``case_id`` (list) and ``slice``
+    ``(N,)``. Sets ``ds.order`` to the rows read.
+    """
+    if rows is None:
+        rows = sorted(range(len(ds.slices)), key=lambda r: (ds.slices["case_id"].iat[r], ds.slices["slice"].iat[r]))
+    rows = np.asarray(rows, dtype=np.int64)
+    if max_slices is not None and max_slices < len(rows):
+        rows = np.sort(np.random.default_rng(seed).choice(rows, size=max_slices, replace=False))
+    ds.order = rows
+    items = [ds[i] for i in range(len(rows))]
+    if not items:
+        raise DataError("no slice to load")
+    return {"image": torch.stack([it["image"] for it in items]).float(),
+            "label": torch.stack([it["label"] for it in items]).float(),
+            "has_label": torch.stack([it["has_label"] for it in items]),
+            "case_id": [str(it["case_id"]) for it in items],
+            "slice": np.asarray([it["slice"] for it in items], dtype=np.int64)}
 
 
 def fit_slice(image: torch.Tensor, label: torch.Tensor, spacing, size: int, fov_mm: float | None,

@@ -47,7 +47,7 @@ class TensorBatches:
 
 
 class DatasetBatches:
-    """Batches from a map-style dataset with ``set_epoch`` (e.g. ``transforms.slice_dataset.CTSliceDataset``).
+    """Batches from a map-style dataset with ``set_epoch`` (e.g. ``pancreas_gvae.transforms.slice_dataset.CTSliceDataset``).
 
     Batch ``step`` is items ``[i*B, (i+1)*B)`` of epoch ``step // steps_per_epoch`` (this rank's
     shard), so a resumed run restarts the loader mid-epoch at the right item. ``to_tensor`` turns a

@@ -14,38 +14,22 @@ import pandas as pd
 import torch
 
 from pancreas_gvae.config import Config
-from pancreas_gvae.ct.config import DataConfig, data_config_from_dict
-from pancreas_gvae.ct.phantom import make_phantom_cohort
-from pancreas_gvae.ct.prepare import prepare_dataset
+from pancreas_gvae.data.ct.config import DataConfig
+from pancreas_gvae.data.ct.phantom import make_phantom_cohort
+from pancreas_gvae.data.ct.prepare import prepare_dataset
 from pancreas_gvae.errors import DataError, PipelineError
-from pancreas_gvae.export.bundle import export_bundle, infer_geometry
-from pancreas_gvae.synthetic import generate, save_nifti_slices, split_ct_and_mask, window_to_hu
+from pancreas_gvae.synthesis.bundle import export_bundle
+from pancreas_gvae.synthesis.generator import infer_geometry
+from pancreas_gvae.synthesis.slices import generate, save_nifti_slices, split_ct_and_mask, window_to_hu
 from pancreas_gvae.training import distributed
 from pancreas_gvae.training.batches import DatasetBatches
-from pancreas_gvae.viz import image_grid, save_png
-from transforms.slice_dataset import CTSliceDataset
+from pancreas_gvae.tracking.images import image_grid, save_png
+from pancreas_gvae.transforms.slice_dataset import CTSliceDataset, read_slices
 
 # Manifest columns that may leave the preparation folder: no case ids, no paths.
 SHAREABLE_COLUMNS = ["layout", "status", "reason", "has_label", "input_intensity", "shape", "spacing",
                      "slice_thickness", "slice_interval", "n_slices", "vendor", "hu_min", "hu_max", "label_voxels",
                      "label_median_hu", "pancreas_slice_count", "cache_shape", "cache_spacing"]
-
-
-def data_config(cfg: Config) -> DataConfig:
-    """``cfg.data["ct"]`` as the data layer's :class:`DataConfig` (unknown keys are named)."""
-    return data_config_from_dict(dict(cfg.data.get("ct", {})), where="data.ct")
-
-
-def check_model_matches_data(cfg: Config, data: DataConfig) -> None:
-    s = data.sampling
-    channels = 1 + 2 * s.context_slices + 1  # CT (+ neighbours) + pancreas mask
-    m = cfg.model
-    if m.image_size != s.slice_size:
-        raise PipelineError(f"model.image_size ({m.image_size}) must equal data.ct.sampling.slice_size "
-                            f"({s.slice_size}); set both")
-    if m.in_channels != channels or m.mask_channels != 1:
-        raise PipelineError(f"model.in_channels must be {channels} (CT, {2 * s.context_slices} neighbour slice(s), "
-                            f"mask) and model.mask_channels 1; got {m.in_channels} and {m.mask_channels}")
 
 
 def ensure_phantom(root: Path, phantom: dict[str, Any]) -> Path:
@@ -111,15 +95,14 @@ def preview_slices(prepared: Path, manifest: pd.DataFrame, data: DataConfig, n: 
 
 def stack_inputs(dataset: CTSliceDataset, n: int) -> torch.Tensor:
     """The first ``n`` items of the dataset's current epoch as model inputs ``(N, C + 1, H, W)``."""
-    items = (dataset[i] for i in range(min(n, len(dataset))))
-    return torch.stack([torch.cat([item["image"], item["label"]]) for item in items])
+    return slices_at(dataset, dataset.order[:n])
 
 
 class MaskMonitor:
     """Scores of the EMA generator's prior samples against real slices, at every sampling step of a CT run.
 
     Logged to MLflow as ``mask/...`` (share of samples with a mask vs the real share, shape realism,
-    intensity under the mask: :func:`pancreas_gvae.metrics.mask_scores`) and ``fidelity/...`` (a UNet
+    intensity under the mask: :func:`pancreas_gvae.evaluation.metrics.mask_scores`) and ``fidelity/...`` (a UNet
     trained once, at the start, on real slices of the cohort predicts on the samples; Dice against their
     masks: :func:`pancreas_gvae.segmentation.label_fidelity`). The samples come from fixed codes, so the
     curves compare like with like from step to step. With ``tstr_steps`` > 0 it also trains a UNet on the
@@ -138,8 +121,9 @@ class MaskMonitor:
     def __call__(self, trainer) -> dict[str, float]:
         import math
 
-        from pancreas_gvae import metrics as M
-        from pancreas_gvae import segmentation as S
+        from pancreas_gvae.evaluation import metrics as M
+        from pancreas_gvae.segmentation import scoring
+        from pancreas_gvae.segmentation import unet as S
 
         samples = generate(trainer.ema_generator, self.n_samples, latent_dim=self.latent_dim, seed=self.seed,
                            device=trainer.device)
@@ -147,10 +131,10 @@ class MaskMonitor:
         scores = M.mask_scores(self.real_img, self.real_mask, fake_img, fake_mask, pixel_mm=self.pixel_mm)
         if self.segmenter is not None:
             synthetic = S.SliceSet(fake_img, fake_mask, ["synthetic"] * len(samples))
-            scores.update(S.label_fidelity(self.segmenter, synthetic, pixel_mm=self.pixel_mm or 1.0))
+            scores.update(scoring.label_fidelity(self.segmenter, synthetic, pixel_mm=self.pixel_mm or 1.0))
             if self.tstr_steps > 0:
                 real = S.SliceSet(self.real_img, self.real_mask, [])
-                scores.update(S.tstr(synthetic, real, real, steps=self.tstr_steps, batch_size=16, seed=self.seed,
+                scores.update(scoring.tstr(synthetic, real, real, steps=self.tstr_steps, batch_size=16, seed=self.seed,
                                      pixel_mm=self.pixel_mm or 1.0, real_model=self.segmenter))
         return {k: float(v) for k, v in scores.items() if math.isfinite(float(v))}
 
@@ -158,8 +142,8 @@ class MaskMonitor:
 def mask_monitor(prepared: Path, manifest: pd.DataFrame, data: DataConfig, cfg: Config) -> MaskMonitor:
     """The monitor of a CT run (``data.monitor``: ``n_samples`` 256, ``n_real`` 512, ``segmenter_steps`` 200,
     ``tstr_steps`` 0)."""
-    from pancreas_gvae import segmentation as S
-    from pancreas_gvae.ct.config import slice_spacing_mm
+    from pancreas_gvae.segmentation import unet as S
+    from pancreas_gvae.data.ct.config import slice_spacing_mm
 
     opts = dict(cfg.data.get("monitor", {}) or {})
     unknown = set(opts) - {"n_samples", "n_real", "segmenter_steps", "tstr_steps"}
@@ -203,10 +187,10 @@ def draw_like_training(ds, n: int, pos_fraction: float | None, seed: int) -> tup
     return rows, f"pancreas share {share:.2f} (training draw {pos_fraction}; all slices of these cases {natural:.2f})"
 
 
-def slices_at(ds, rows) -> torch.Tensor:
+def slices_at(ds: CTSliceDataset, rows) -> torch.Tensor:
     """Model inputs ``(N, C + 1, H, W)`` for the given slice rows of ``ds`` (CT channel(s) + mask)."""
-    ds.order = np.asarray(rows)
-    return stack_inputs(ds, len(rows))
+    got = read_slices(ds, rows)
+    return torch.cat([got["image"], got["label"]], dim=1)
 
 
 def shareable_manifest(manifest: pd.DataFrame) -> pd.DataFrame:

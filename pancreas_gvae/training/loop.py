@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from pancreas_gvae.training import distributed
 from pancreas_gvae.training.checkpoint import save_checkpoint
 from pancreas_gvae.training.trainer import Trainer
-from pancreas_gvae.viz import image_grid, interleave
+from pancreas_gvae.tracking.images import image_grid, interleave
 
 
 class BatchSource(Protocol):

@@ -21,7 +21,7 @@ from pancreas_gvae.training import distributed
 from pancreas_gvae.training.checkpoint import load_checkpoint, remove_orphan_temporaries
 from pancreas_gvae.training.loop import BatchSource, Preview, fit
 from pancreas_gvae.training.trainer import Trainer, seed_everything
-from pancreas_gvae.viz import save_png
+from pancreas_gvae.tracking.images import save_png
 
 
 @dataclass

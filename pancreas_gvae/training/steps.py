@@ -19,18 +19,37 @@ normalisation statistics (see ``Trainer.train_step``).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from contextlib import AbstractContextManager
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
-from pancreas_gvae import losses as L
-from pancreas_gvae.diffaugment import diff_augment
-from pancreas_gvae.models.gvae import reparameterize
+from pancreas_gvae.config import Config
+from pancreas_gvae.models.gvae import GenerativeModel, reparameterize
 from pancreas_gvae.training import distributed
+from pancreas_gvae.training import losses as L
+from pancreas_gvae.training.diffaugment import diff_augment
 
-if TYPE_CHECKING:
-    from pancreas_gvae.training.trainer import Trainer
+
+class Trainer(Protocol):
+    """What a step uses of the trainer (``pancreas_gvae.training.trainer.Trainer`` provides it)."""
+
+    cfg: Config
+    model: GenerativeModel
+    noise: torch.Generator
+    diffaugment: tuple[str, ...]
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer | None
+
+    def autocast(self) -> AbstractContextManager: ...
+
+    def beta(self) -> float: ...
+
+    def check_finite(self, losses: dict[str, torch.Tensor]) -> None: ...
+
+    def apply(self, optimizer: torch.optim.Optimizer,
+              groups: dict[str, tuple[list[torch.nn.Parameter], tuple[torch.Tensor, ...]]]) -> None: ...
 
 
 def _set_requires_grad(module: torch.nn.Module, flag: bool) -> None:

@@ -18,7 +18,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel
 
 from pancreas_gvae.config import Config
-from pancreas_gvae.diffaugment import parse_policy
+from pancreas_gvae.training.diffaugment import parse_policy
 from pancreas_gvae.errors import TrainingDiverged
 from pancreas_gvae.models.gvae import GenerativeModel
 from pancreas_gvae.training import distributed

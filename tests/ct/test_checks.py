@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pancreas_gvae.ct.checks import REASONS, CaseExcluded, check_label_hu, check_slice_positions, label_hu_stats
-from pancreas_gvae.ct.config import CheckConfig
-from pancreas_gvae.ct.prepare import prepare_dataset
+from pancreas_gvae.data.ct.checks import REASONS, CaseExcluded, check_label_hu, check_slice_positions, label_hu_stats
+from pancreas_gvae.data.ct.config import CheckConfig
+from pancreas_gvae.data.ct.prepare import prepare_dataset
 
 
 def run(root, tmp_path, **kw):
@@ -269,7 +269,7 @@ def test_zero_orientation_vector_is_invalid_orientation(cohort_root, tmp_path, m
     (np.array([[1, 0.2, 0, 0], [0, 1, 0, 0], [0, 0, 2, 0], [0, 0, 0, 1]], dtype=float), "sheared_geometry"),
 ])
 def test_check_affine_reasons(affine, reason):
-    from pancreas_gvae.ct.checks import check_affine
+    from pancreas_gvae.data.ct.checks import check_affine
 
     with pytest.raises(CaseExcluded) as err:
         check_affine(affine, "image", 1.0)
@@ -279,7 +279,7 @@ def test_check_affine_reasons(affine, reason):
 
 @pytest.mark.parametrize("iop", [(1, 0, 0, 0, 0, 0), (1, 0, 0, 0.2, 1, 0), (2, 0, 0, 0, 2, 0)])
 def test_check_orientation_reasons(iop):
-    from pancreas_gvae.ct.checks import check_orientation
+    from pancreas_gvae.data.ct.checks import check_orientation
 
     with pytest.raises(CaseExcluded) as err:
         check_orientation(iop, CheckConfig())

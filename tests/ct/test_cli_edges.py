@@ -8,8 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from pancreas_gvae.ct.manifest import redact, redacted_stderr
-from pipelines.prepare_ct import main
+from pancreas_gvae.data.ct.manifest import redact, redacted_stderr
+from pancreas_gvae.pipelines.prepare_ct import main
 
 
 def test_out_is_an_existing_file(cohort_root, tmp_path, capsys):
@@ -65,7 +65,7 @@ def test_truncated_compressed_dicom_gets_a_reason_and_no_path_on_stderr(cohort_r
     from pydicom.encaps import encapsulate, generate_fragments
     from pydicom.uid import RLELossless
 
-    from pancreas_gvae.ct.prepare import prepare_dataset
+    from pancreas_gvae.data.ct.prepare import prepare_dataset
 
     case = make_case(cohort_root, "bad")
     ds = pydicom.dcmread(case.files[4])

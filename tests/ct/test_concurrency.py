@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from pancreas_gvae.ct.manifest import read_manifest
-from pancreas_gvae.ct.outlock import LOCK_NAME, locked_output
-from pancreas_gvae.ct.prepare import prepare_dataset
+from pancreas_gvae.data.ct.manifest import read_manifest
+from pancreas_gvae.data.ct.outlock import LOCK_NAME, locked_output
+from pancreas_gvae.data.ct.prepare import prepare_dataset
 from pancreas_gvae.errors import PipelineError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -29,7 +29,7 @@ def test_a_second_run_stops_with_one_line_naming_the_holder(cohort_root, tmp_pat
         message = str(err.value)
         assert f"pid {os.getpid()} on host {socket.gethostname()}" in message and "\n" not in message
         assert "--wait" in message
-        from pipelines.prepare_ct import main
+        from pancreas_gvae.pipelines.prepare_ct import main
 
         assert main(["--data-root", str(cohort_root), "--out", str(out), "--no-progress"]) == 2
         lines = capsys.readouterr().err.strip().splitlines()
@@ -80,7 +80,7 @@ def test_leftovers_of_a_killed_run_are_removed_and_finished_cases_kept(cohort_ro
 def test_replacing_a_cached_case_never_leaves_it_half_written(tmp_path):
     import numpy as np
 
-    from transforms.cache import load_cached_case, read_cache_meta, save_cached_case
+    from pancreas_gvae.transforms.cache import load_cached_case, read_cache_meta, save_cached_case
 
     root = tmp_path / "cache"
     image, label = np.zeros((4, 5, 6), np.float32), np.zeros((4, 5, 6), np.uint8)

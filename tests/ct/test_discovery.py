@@ -9,17 +9,17 @@ import shutil
 import numpy as np
 import pytest
 
-from pancreas_gvae.ct.config import CheckConfig
-from pancreas_gvae.ct.dicom_series import scan_dicom_folder
-from pancreas_gvae.ct.discovery import detect_layout, discover
-from pancreas_gvae.ct.prepare import prepare_dataset
+from pancreas_gvae.data.ct.config import CheckConfig
+from pancreas_gvae.data.ct.dicom_series import scan_dicom_folder
+from pancreas_gvae.data.ct.discovery import detect_layout, discover
+from pancreas_gvae.data.ct.prepare import prepare_dataset
 from pancreas_gvae.errors import DataError
-from transforms.cache import load_cached_case
+from pancreas_gvae.transforms.cache import load_cached_case
 
 
 @pytest.fixture
 def phantom_cohort(tmp_path):
-    phantom = pytest.importorskip("pancreas_gvae.ct.phantom")
+    phantom = pytest.importorskip("pancreas_gvae.data.ct.phantom")
     root = tmp_path / "tcia"
     phantom.make_phantom_cohort(root, cases=2, size=48, slices=16)
     phantom.make_phantom_cohort(root, cases=1, size=48, slices=16, start_index=25)  # the known duplicate

@@ -18,9 +18,9 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from pancreas_gvae.ct.tcia import COMPLETE_MARKER, list_series
+from pancreas_gvae.data.ct.tcia import COMPLETE_MARKER, list_series
 from pancreas_gvae.errors import PipelineError
-from pipelines.download_tcia import main
+from pancreas_gvae.pipelines.download_tcia import main
 
 STUDY = {p: generate_uid(entropy_srcs=["study", p]) for p in ("PANCREAS_0001", "PANCREAS_0002", "PANCREAS_0025")}
 A, B, C, D, SEG = (generate_uid(entropy_srcs=["series", n]) for n in "ABCDS")

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from pancreas_gvae.ct.config import DataConfig
-from pancreas_gvae.ct.manifest import format_summary, read_manifest
-from pancreas_gvae.ct.prepare import prepare_dataset
-from transforms.cache import load_cached_case
-from transforms.slice_dataset import CTSliceDataset, list_slices
+from pancreas_gvae.data.ct.config import DataConfig
+from pancreas_gvae.data.ct.manifest import format_summary, read_manifest
+from pancreas_gvae.data.ct.prepare import prepare_dataset
+from pancreas_gvae.transforms.cache import load_cached_case
+from pancreas_gvae.transforms.slice_dataset import CTSliceDataset, list_slices
 
 
 def unlabelled_config() -> DataConfig:
@@ -100,7 +100,7 @@ def test_slice_dataset_of_image_only_cases_alone(mixed):
 
 
 def test_tcia_case_without_its_label_file(tmp_path):
-    phantom = pytest.importorskip("pancreas_gvae.ct.phantom")
+    phantom = pytest.importorskip("pancreas_gvae.data.ct.phantom")
     root = tmp_path / "tcia"
     phantom.make_phantom_cohort(root, cases=1, size=48, slices=16)
     shutil.rmtree(root / "TCIA_pancreas_labels-02-05-2017")

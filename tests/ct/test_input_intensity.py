@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pancreas_gvae.ct.config import DataConfig, InputIntensityConfig, config_hash, load_data_config
-from pancreas_gvae.ct.prepare import prepare_dataset
+from pancreas_gvae.data.ct.config import DataConfig, InputIntensityConfig, config_hash, load_data_config
+from pancreas_gvae.data.ct.prepare import prepare_dataset
 from pancreas_gvae.errors import PipelineError
-from transforms.cache import load_cached_case
+from pancreas_gvae.transforms.cache import load_cached_case
 
 WINDOW = [-125.0, 275.0]
 

@@ -1,6 +1,6 @@
 import pandas as pd
 
-from pancreas_gvae.ct.manifest import COLUMNS, format_summary, read_manifest, to_frame, write_manifest
+from pancreas_gvae.data.ct.manifest import COLUMNS, format_summary, read_manifest, to_frame, write_manifest
 
 
 def test_summary_of_a_manifest_read_back_with_excluded_rows(tmp_path):

@@ -10,14 +10,14 @@ import pydicom
 import pytest
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
-from pancreas_gvae.ct.phantom import (
+from pancreas_gvae.data.ct.phantom import (
     COLLECTION_DIR,
     LABEL_DIR,
     label_path,
     make_phantom_cohort,
     render_phantom_case,
 )
-from pipelines.make_phantom import main
+from pancreas_gvae.pipelines.make_phantom import main
 
 SIZE = 48
 

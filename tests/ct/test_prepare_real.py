@@ -9,12 +9,12 @@ import numpy as np
 import pydicom
 import pytest
 
-from pancreas_gvae.ct.checks import CaseExcluded, check_label_hu, label_hu_stats
-from pancreas_gvae.ct.config import CheckConfig
-from pancreas_gvae.ct.dicom_series import scan_dicom_folder
-from pancreas_gvae.ct.pairing import pancreas_mask, resample_label_to_image
-from transforms.cache import load_cached_case
-from transforms.ct import LoadCTd
+from pancreas_gvae.data.ct.checks import CaseExcluded, check_label_hu, label_hu_stats
+from pancreas_gvae.data.ct.config import CheckConfig
+from pancreas_gvae.data.ct.dicom_series import scan_dicom_folder
+from pancreas_gvae.data.ct.pairing import pancreas_mask, resample_label_to_image
+from pancreas_gvae.transforms.cache import load_cached_case
+from pancreas_gvae.transforms.ct import LoadCTd
 
 PANCREAS = 7  # TotalSegmentator class table
 
@@ -25,10 +25,10 @@ def prepared(tmp_path_factory):
     if not ct.exists():
         pytest.skip(f"real data not found at {ct} (expected ../shared/data beside the project)")
     out = tmp_path_factory.mktemp("real")
-    from pipelines.prepare_ct import main
+    from pancreas_gvae.pipelines.prepare_ct import main
 
     assert main(["--data-root", str(ct), "--out", str(out), "--pancreas-label", str(PANCREAS), "--no-progress"]) == 0
-    from pancreas_gvae.ct.manifest import read_manifest
+    from pancreas_gvae.data.ct.manifest import read_manifest
 
     return ct, out, read_manifest(out).set_index("case_id")
 
@@ -85,7 +85,7 @@ def test_world_pairing_beats_naive_index_pairing(ct_dir):
 
 def test_resume_reuses_real_cases(prepared, capsys):
     ct, out, _ = prepared
-    from pipelines.prepare_ct import main
+    from pancreas_gvae.pipelines.prepare_ct import main
 
     assert main(["--data-root", str(ct), "--out", str(out), "--pancreas-label", "7", "--no-progress"]) == 0
     printed = capsys.readouterr().out

@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pancreas_gvae.ct.config import DataConfig, InputIntensityConfig, config_hash, load_data_config
-from pancreas_gvae.ct.discovery import detect_layout, discover
-from pancreas_gvae.ct.manifest import read_manifest
-from pancreas_gvae.ct.prepare import prepare_dataset
+from pancreas_gvae.data.ct.config import DataConfig, InputIntensityConfig, config_hash, load_data_config
+from pancreas_gvae.data.ct.discovery import detect_layout, discover
+from pancreas_gvae.data.ct.manifest import read_manifest
+from pancreas_gvae.data.ct.prepare import prepare_dataset
 from pancreas_gvae.errors import DataError, PipelineError
-from transforms.cache import load_cached_case
-from transforms.slice_dataset import CTSliceDataset, list_slices
+from pancreas_gvae.transforms.cache import load_cached_case
+from pancreas_gvae.transforms.slice_dataset import CTSliceDataset, list_slices
 
 REPO = Path(__file__).resolve().parents[2]
 NIH = REPO.parent / "shared" / "data" / "nih-pancreas-2d"
@@ -285,8 +285,8 @@ def test_nih_yaml_matches_the_declared_settings():
 
 def test_rows_towards_anterior_turns_an_upside_down_set_the_right_way_up(tmp_path):
     """A slice with a bright band at the top (row 0), declared upside down, is stored with the band at the bottom."""
-    from pancreas_gvae.ct.slice_sets import slice_affine
-    from transforms.cache import to_store_layout
+    from pancreas_gvae.data.ct.slice_stacks import slice_affine
+    from pancreas_gvae.transforms.cache import to_store_layout
 
     vol = np.zeros((8, 8, 1), np.float32)
     vol[0] = 1.0  # first image row
@@ -303,7 +303,7 @@ def nih(tmp_path_factory):
     if not (NIH / "manifest.csv").is_file():
         pytest.skip(f"real NIH 2D slices not found at {NIH} (expected ../shared/data/nih-pancreas-2d)")
     out = tmp_path_factory.mktemp("nih") / "prepared"
-    from pipelines.prepare_ct import main
+    from pancreas_gvae.pipelines.prepare_ct import main
 
     start = time.perf_counter()
     assert main(["--data-root", str(NIH), "--layout", "slices", "--config",
@@ -329,7 +329,8 @@ def test_nih_slices_prepare_as_39_patients(nih):
 
 
 def test_nih_slice_items_hold_pancreas_and_the_split_is_by_patient(nih):
-    from pancreas_gvae.segmentation import load_slices, split_cases
+    from pancreas_gvae.segmentation.splits import split_cases
+    from pancreas_gvae.segmentation.unet import load_slices
 
     out, manifest, _ = nih
     ds = CTSliceDataset(out, manifest, size=128, pos_fraction=None, fit="crop")

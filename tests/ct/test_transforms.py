@@ -11,14 +11,15 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Spacingd
 
-from pancreas_gvae.ct import prepare as prepare_mod
-from pancreas_gvae.ct.config import DataConfig, config_hash, load_data_config, validate
-from pancreas_gvae.ct.pairing import resample_label_to_image
-from pancreas_gvae.ct.prepare import prepare_dataset
+from pancreas_gvae.data.ct import prepare as prepare_mod
+from pancreas_gvae.data.ct.config import DataConfig, config_hash, load_data_config, validate
+from pancreas_gvae.data.ct.pairing import resample_label_to_image
+from pancreas_gvae.data.ct.prepare import prepare_dataset
 from pancreas_gvae.errors import PipelineError
-from transforms.cache import case_as_dict, load_cached_case, to_store_layout
-from transforms.ct import build_sampling_chain, resample_to_spacing
-from transforms.slice_dataset import CTSliceDataset, list_slices
+from pancreas_gvae.transforms.cache import case_as_dict, load_cached_case, to_store_layout
+from pancreas_gvae.transforms.ct import build_sampling_chain
+from pancreas_gvae.transforms.spatial import resample_to_spacing
+from pancreas_gvae.transforms.slice_dataset import CTSliceDataset, list_slices
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -94,7 +95,7 @@ def test_label_resampling_fast_path_equals_scipy_path():
 def test_body_crop_gives_cropforegroundds_box(slice_major):
     from monai.transforms import CropForegroundd
 
-    from transforms.ct import BodyCropd
+    from pancreas_gvae.transforms.spatial import BodyCropd
 
     vol = np.full((40, 60, 50), -1000.0, dtype=np.float32)
     vol[5:30, 10:50, 7:44] = 40.0
@@ -229,7 +230,7 @@ def test_dataset_is_reproducible_and_epochs_differ(cache):
 
 
 def test_fit_slice_box_centred_on_the_slice_centre_equals_the_centred_fit():
-    from transforms.slice_dataset import fit_slice
+    from pancreas_gvae.transforms.slice_dataset import fit_slice
 
     g = torch.Generator().manual_seed(0)
     image, label = torch.rand(1, 100, 120, generator=g), (torch.rand(1, 100, 120, generator=g) > 0.7).float()
@@ -240,7 +241,7 @@ def test_fit_slice_box_centred_on_the_slice_centre_equals_the_centred_fit():
 
 
 def test_fit_slice_box_beyond_the_edge_is_zero_where_the_slice_ends():
-    from transforms.slice_dataset import fit_slice
+    from pancreas_gvae.transforms.slice_dataset import fit_slice
 
     image, label = torch.ones(1, 100, 100), torch.ones(1, 100, 100)
     img, lab = fit_slice(image, label, (1.0, 1.0), 20, 40.0, centre_rc=(0.0, 50.0))  # box rows -20..20

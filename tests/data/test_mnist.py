@@ -12,17 +12,8 @@ import pytest
 import torch
 
 from pancreas_gvae.data.idx import write_idx
-from pancreas_gvae.data.mnist import (
-    DATASETS,
-    DatasetSpec,
-    FileSpec,
-    ensure_files,
-    file_md5,
-    get_dataset,
-    load_dataset,
-    load_split,
-    to_tensor,
-)
+from pancreas_gvae.data.mnist import load_dataset, load_split, to_tensor
+from pancreas_gvae.data.mnist_files import DATASETS, DatasetSpec, FileSpec, ensure_files, file_md5, get_dataset
 from pancreas_gvae.errors import DataError
 
 NAMES = {

@@ -198,9 +198,11 @@ def test_copy_sources_exist_and_are_not_ignored(instructions, rules):
 def test_image_gets_every_package_and_the_files_pip_needs(instructions):
     sources = {s.rstrip("/") for s in _copy_sources(instructions)}
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
-    include = pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
-    for pattern in include:
-        assert pattern.rstrip("*") in sources, f"package {pattern} is not copied into the image"
+    setuptools = pyproject["tool"]["setuptools"]
+    package_dir = setuptools.get("package-dir", {})
+    for package in setuptools["packages"]:
+        folder = package_dir.get(package, package.replace(".", "/")).split("/")[0]
+        assert folder in sources, f"package {package} (folder {folder}/) is not copied into the image"
     assert {"pyproject.toml", pyproject["project"]["readme"], "configs"} <= sources
     runs = " ".join(rest for word, rest in instructions if word == "RUN")
     assert "pip install" in runs and "torch==" in runs, "pip must keep the base image's torch"
@@ -229,7 +231,7 @@ def test_ignore_file_keeps_the_context_small_but_the_code_in(rules):
                  "notebooks/.ipynb_checkpoints/review-checkpoint.ipynb", "runs/a/last.pt", "tests/conftest.py",
                  "pancreas_gvae.egg-info/PKG-INFO", ".pytest_cache/README.md", "docker/.env"):
         assert is_excluded(path, rules), f"{path} should stay out of the build context"
-    for path in ("pyproject.toml", "README.md", "pancreas_gvae/data/__init__.py", "pancreas_gvae/ct/config.py",
+    for path in ("pyproject.toml", "README.md", "pancreas_gvae/data/__init__.py", "pancreas_gvae/data/ct/config.py",
                  "transforms/ct.py", "configs/data/default.yaml", "pipelines/train_ct.py"):
         assert not is_excluded(path, rules), f"{path} is needed in the image"
 
@@ -309,7 +311,7 @@ def test_every_referenced_pipeline_script_exists_and_accepts_its_flags(compose, 
         for name, flags in script_flags(tokens):
             used.setdefault(name, set()).update(flags)
     for name, flags in sorted(used.items()):
-        module = importlib.import_module(f"pipelines.{name}")
+        module = importlib.import_module(f"pancreas_gvae.pipelines.{name}")
         with pytest.raises(SystemExit):
             module.parse_args(["--help"])
         text = capsys.readouterr().out

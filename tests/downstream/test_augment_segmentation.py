@@ -9,7 +9,9 @@ import pandas as pd
 import pytest
 import torch
 
-from pancreas_gvae import segmentation as seg
+from pancreas_gvae.segmentation import scoring, splits
+
+from pancreas_gvae.segmentation import unet as seg
 from pancreas_gvae.errors import PipelineError
 
 TINY_GVAE = ["--set", "model.channels=[8,16,32]", "--set", "model.latent_dim=8", "--set", "train.batch_size=4",
@@ -21,9 +23,9 @@ TINY_GVAE = ["--set", "model.channels=[8,16,32]", "--set", "model.latent_dim=8",
 def cohort(tmp_path_factory):
     """4 phantom cases at 64 px, prepared with the CT-64 data config (slices fitted to 32 px for speed)."""
     from pancreas_gvae.config import load_config
-    from pancreas_gvae.ct.phantom import make_phantom_cohort
-    from pancreas_gvae.ct.prepare import prepare_dataset
-    from pancreas_gvae.training import ct
+    from pancreas_gvae.data.ct.phantom import make_phantom_cohort
+    from pancreas_gvae.data.ct.prepare import prepare_dataset
+    from pancreas_gvae.data.ct.config import data_config
 
     root = tmp_path_factory.mktemp("seg")
     cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "ct_64.yaml",
@@ -31,24 +33,24 @@ def cohort(tmp_path_factory):
                        "data.ct.sampling.slice_size=32", "train.batch_size=4", "tracking.log_model=false",
                        "tracking.system_metrics=false"])
     make_phantom_cohort(root / "phantom", cases=4, size=64, seed=0)
-    data = ct.data_config(cfg)
+    data = data_config(cfg)
     manifest = prepare_dataset(root / "phantom", root / "prepared", config=data, progress=False)
     return root, cfg, manifest
 
 
 def test_split_is_by_case_without_overlap_and_fractions_stay_in_train():
     ids = [f"PANCREAS_{i:04d}" for i in range(1, 11)]
-    split = seg.split_cases(ids, test_fraction=0.4, seed=3)
+    split = splits.split_cases(ids, test_fraction=0.4, seed=3)
     assert not set(split.train) & set(split.test)
     assert sorted(split.train + split.test) == ids and len(split.test) == 4
-    assert seg.split_cases(ids, test_fraction=0.4, seed=3) == split  # fixed by the seed
+    assert splits.split_cases(ids, test_fraction=0.4, seed=3) == split  # fixed by the seed
     for f in (0.01, 0.1, 0.5, 1.0):
-        sub = seg.subset_cases(split.train, f, seed=1)
+        sub = splits.subset_cases(split.train, f, seed=1)
         assert 1 <= len(sub) <= len(split.train) and set(sub) <= set(split.train)
-    assert set(seg.subset_cases(split.train, 0.5, 2)) <= set(seg.subset_cases(split.train, 1.0, 2))
+    assert set(splits.subset_cases(split.train, 0.5, 2)) <= set(splits.subset_cases(split.train, 1.0, 2))
     with pytest.raises(PipelineError):
-        seg.CaseSplit(train=["a", "b"], test=["b"])
-    two = seg.split_cases(["a", "b"], test_fraction=0.5, seed=0)
+        splits.CaseSplit(train=["a", "b"], test=["b"])
+    two = splits.split_cases(["a", "b"], test_fraction=0.5, seed=0)
     assert len(two.train) == len(two.test) == 1
 
 
@@ -57,14 +59,14 @@ def test_perfect_prediction_scores_dice_1_and_hd95_0():
     label = torch.zeros(3, 1, 32, 32)
     label[0, 0, 8:16, 8:16] = 1
     label[1, 0, 10:20, 5:9] = 1  # slice 2: no pancreas
-    res = seg.evaluate_predictions(label.clone(), label, pixel_mm=2.0)
+    res = scoring.evaluate_predictions(label.clone(), label, pixel_mm=2.0)
     assert res["dice"] == pytest.approx(1.0) and res["hd95"] == pytest.approx(0.0)
     assert res["dice_all"] == pytest.approx(1.0) and res["n_pancreas_slices"] == 2
-    empty = seg.evaluate_predictions(torch.zeros_like(label), label, pixel_mm=2.0)
+    empty = scoring.evaluate_predictions(torch.zeros_like(label), label, pixel_mm=2.0)
     assert empty["dice"] == pytest.approx(0.0)
     assert empty["hd95"] == pytest.approx(2.0 * (32**2 + 32**2) ** 0.5)  # missed organ: the image diagonal
     shifted = torch.roll(label, 2, dims=-1)
-    assert seg.evaluate_predictions(shifted, label, pixel_mm=2.0)["hd95"] == pytest.approx(4.0)
+    assert scoring.evaluate_predictions(shifted, label, pixel_mm=2.0)["hd95"] == pytest.approx(4.0)
 
 
 def test_batches_mix_synthetic_at_the_ratio_with_the_same_size():
@@ -78,11 +80,11 @@ def test_generators_see_only_their_patients_and_withheld_masks_stay_withheld(coh
     """Supervised: the labelled patients only. Semi-supervised: every training patient's images, masks of
     the labelled ones only (unlabelled items carry has_label 0 and an all-zero mask). Never a test patient;
     split.json records what each saw; a finished generator is reused, not retrained."""
-    from pancreas_gvae import downstream as D
+    from pancreas_gvae.segmentation import experiment as D
 
     root, cfg, manifest = cohort
-    cases = seg.ok_cases(manifest)
-    split = seg.CaseSplit(train=cases[:3], test=cases[3:])
+    cases = splits.ok_cases(manifest)
+    split = splits.CaseSplit(train=cases[:3], test=cases[3:])
     seen = []
 
     def fake_train_run(cfg, batches, preview, **kw):
@@ -115,11 +117,11 @@ def test_generators_see_only_their_patients_and_withheld_masks_stay_withheld(coh
     assert len(seen) == 2, "a finished generator is reused"
     ckpt = tmp_path / "gen" / semi.key / "checkpoints" / "last.pt"
     with pytest.raises(PipelineError, match="leak"):
-        seg.check_generator_split(ckpt, seg.CaseSplit(train=split.test, test=split.train))
+        splits.check_generator_split(ckpt, splits.CaseSplit(train=split.test, test=split.train))
 
 
 def test_patient_folds_test_every_patient_once():
-    from pancreas_gvae import downstream as D
+    from pancreas_gvae.segmentation import experiment as D
 
     ids = [f"P{i:02d}" for i in range(10)]
     folds = D.patient_folds(ids, 3, seed=0)
@@ -132,7 +134,7 @@ def test_patient_folds_test_every_patient_once():
 
 
 def test_arms_and_their_names():
-    from pancreas_gvae import downstream as D
+    from pancreas_gvae.segmentation import experiment as D
 
     arms = D.arms_for([0.5, 1.0], semi=True, fraction=0.25, filter_threshold=0.5)
     assert arms == ["real", "real+classic", "real+classic+sup0.5", "real+classic+sup1", "real+classic+semi0.5",
@@ -146,7 +148,7 @@ def test_arms_and_their_names():
 def test_paired_differences_and_their_interval():
     from scipy import stats
 
-    from pancreas_gvae import downstream as D
+    from pancreas_gvae.segmentation import experiment as D
 
     rows = []
     for fold, (base, aug) in enumerate([(0.50, 0.55), (0.60, 0.62), (0.40, 0.47)]):
@@ -162,7 +164,7 @@ def test_paired_differences_and_their_interval():
 
 
 def test_filter_keeps_the_pairs_the_judge_agrees_with():
-    from pancreas_gvae import downstream as D
+    from pancreas_gvae.segmentation import experiment as D
 
     label = torch.zeros(3, 1, 8, 8)
     label[0, 0, 2:6, 2:6] = 1
@@ -182,7 +184,7 @@ def test_filter_keeps_the_pairs_the_judge_agrees_with():
 def test_cli_runs_every_arm_resumably_with_nested_mlflow_runs(cohort, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from pipelines import augment_segmentation
+    from pancreas_gvae.pipelines import augment_segmentation
 
     root, _, _ = cohort
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

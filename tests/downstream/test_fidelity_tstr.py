@@ -14,7 +14,9 @@ import pytest
 import torch
 from skimage.draw import ellipse
 
-from pancreas_gvae import segmentation as seg
+from pancreas_gvae.segmentation import scoring
+
+from pancreas_gvae.segmentation import unet as seg
 from pancreas_gvae.errors import DataError
 
 SIZE = 32
@@ -62,7 +64,7 @@ def segmenter(data):
 
 def test_label_fidelity_high_for_matching_pairs_low_for_shuffled_masks(data, segmenter):
     syn = data["synthetic"]
-    good = seg.label_fidelity(segmenter, syn, pixel_mm=0.5)
+    good = scoring.label_fidelity(segmenter, syn, pixel_mm=0.5)
     assert good["fidelity/dice"] > 0.75
     assert good["fidelity/missed_share"] < 0.1 and good["fidelity/fp_empty_share"] <= 0.2
     assert good["fidelity/n_synthetic"] == len(syn)
@@ -70,31 +72,31 @@ def test_label_fidelity_high_for_matching_pairs_low_for_shuffled_masks(data, seg
     assert good["fidelity/n_with_mask"] == float(syn.has_pancreas.sum())
     assert all(isinstance(v, float) for v in good.values())
 
-    bad = seg.label_fidelity(segmenter, shuffled_labels(syn), pixel_mm=0.5)
+    bad = scoring.label_fidelity(segmenter, shuffled_labels(syn), pixel_mm=0.5)
     assert bad["fidelity/dice"] < 0.4 < good["fidelity/dice"]
     assert bad["fidelity/hd95"] > 2 * good["fidelity/hd95"]
     # shuffling puts empty masks on images that show an organ: the segmenter flags them
     assert bad["fidelity/fp_empty_share"] > 0.5
 
     moved = seg.SliceSet(syn.image, torch.roll(syn.label, shifts=(9, 9), dims=(-2, -1)))
-    assert seg.label_fidelity(segmenter, moved)["fidelity/dice"] < 0.4
+    assert scoring.label_fidelity(segmenter, moved)["fidelity/dice"] < 0.4
 
 
 def test_label_fidelity_matches_evaluate_predictions_and_handles_all_empty(data, segmenter):
     syn = data["synthetic"]
-    ref = seg.evaluate_predictions(seg.predict(segmenter, syn.image), syn.label, pixel_mm=0.5)
-    fid = seg.label_fidelity(segmenter, syn, pixel_mm=0.5)
+    ref = scoring.evaluate_predictions(seg.predict(segmenter, syn.image), syn.label, pixel_mm=0.5)
+    fid = scoring.label_fidelity(segmenter, syn, pixel_mm=0.5)
     assert fid["fidelity/dice"] == ref["dice"] and fid["fidelity/hd95"] == ref["hd95"]
     empty = seg.SliceSet(syn.image, torch.zeros_like(syn.label))
-    e = seg.label_fidelity(segmenter, empty)
+    e = scoring.label_fidelity(segmenter, empty)
     assert math.isnan(e["fidelity/dice"]) and math.isnan(e["fidelity/missed_share"])
     assert e["fidelity/fp_empty_share"] > 0.5  # the images do show organs
     with pytest.raises(DataError):
-        seg.label_fidelity(segmenter, seg.SliceSet(syn.image[:0], syn.label[:0]))
+        scoring.label_fidelity(segmenter, seg.SliceSet(syn.image[:0], syn.label[:0]))
 
 
 def test_tstr_reports_both_arms_and_their_ratio(data):
-    res = seg.tstr(data["synthetic"], data["train"], data["test"], pixel_mm=1.0, **RECIPE)
+    res = scoring.tstr(data["synthetic"], data["train"], data["test"], pixel_mm=1.0, **RECIPE)
     for key in ("tstr/dice_synthetic", "tstr/dice_real", "tstr/ratio", "tstr/hd95_synthetic", "tstr/hd95_real"):
         assert isinstance(res[key], float) and math.isfinite(res[key]), key
     assert res["tstr/dice_real"] > 0.75 and res["tstr/dice_synthetic"] > 0.7
@@ -105,14 +107,14 @@ def test_tstr_reports_both_arms_and_their_ratio(data):
 
     # synthetic labels that do not fit their images teach nothing: the synthetic arm collapses, the real arm
     # is the same network as before (same recipe and seed)
-    bad = seg.tstr(shuffled_labels(data["synthetic"]), data["train"], data["test"], pixel_mm=1.0, **RECIPE)
+    bad = scoring.tstr(shuffled_labels(data["synthetic"]), data["train"], data["test"], pixel_mm=1.0, **RECIPE)
     assert bad["tstr/dice_synthetic"] < 0.4 and bad["tstr/ratio"] < 0.5
     assert bad["tstr/dice_real"] == pytest.approx(res["tstr/dice_real"], abs=1e-6)
 
 
 def test_tstr_reuses_a_given_real_model_and_refuses_empty_sets(data, segmenter):
-    res = seg.tstr(data["synthetic"], data["train"], data["test"], pixel_mm=1.0, real_model=segmenter, **RECIPE)
-    assert res["tstr/dice_real"] == pytest.approx(seg.evaluate_model(segmenter, data["test"], pixel_mm=1.0)["dice"])
+    res = scoring.tstr(data["synthetic"], data["train"], data["test"], pixel_mm=1.0, real_model=segmenter, **RECIPE)
+    assert res["tstr/dice_real"] == pytest.approx(scoring.evaluate_model(segmenter, data["test"], pixel_mm=1.0)["dice"])
     empty = seg.SliceSet(data["synthetic"].image[:0], data["synthetic"].label[:0])
     with pytest.raises(DataError, match="non-empty"):
-        seg.tstr(empty, data["train"], data["test"], pixel_mm=1.0, **RECIPE)
+        scoring.tstr(empty, data["train"], data["test"], pixel_mm=1.0, **RECIPE)

@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 import torch
 
-from pancreas_gvae import segmentation as seg
+from pancreas_gvae.segmentation import scoring
+from pancreas_gvae.segmentation import unet as seg
 from pancreas_gvae.errors import PipelineError
 
 
@@ -34,13 +35,13 @@ def test_classic_augmentation_moves_image_and_mask_together_and_is_seeded():
 def test_budget_is_the_first_step_near_the_best():
     steps = [100, 200, 300, 400, 500]
     # 3-point means: 0.35, 0.433, 0.57, 0.603, 0.605 -> the first within 0.01 of 0.605 is step 400
-    assert seg.budget_from_curve(steps, [0.2, 0.5, 0.60, 0.61, 0.60]) == 400
-    assert seg.budget_from_curve(steps, [0.2, 0.3, 0.4, 0.5, 0.9]) == 500  # still rising: the last
+    assert scoring.budget_from_curve(steps, [0.2, 0.5, 0.60, 0.61, 0.60]) == 400
+    assert scoring.budget_from_curve(steps, [0.2, 0.3, 0.4, 0.5, 0.9]) == 500  # still rising: the last
     # a one-step spike counts a third: means 0.25, 0.267, 0.533, 0.667, 0.85 -> 500, not the spike's 200
-    assert seg.budget_from_curve(steps, [0.2, 0.3, 0.3, 1.0, 0.7], tolerance=0.0) == 500
-    assert seg.budget_from_curve(steps, [0.6, 0.6, 0.6, 0.6, 0.6]) == 100  # flat: the first
+    assert scoring.budget_from_curve(steps, [0.2, 0.3, 0.3, 1.0, 0.7], tolerance=0.0) == 500
+    assert scoring.budget_from_curve(steps, [0.6, 0.6, 0.6, 0.6, 0.6]) == 100  # flat: the first
     with pytest.raises(PipelineError):
-        seg.budget_from_curve([], [])
+        scoring.budget_from_curve([], [])
 
 
 def test_learning_curve_scores_the_validation_slices_at_every_interval():
@@ -50,7 +51,7 @@ def test_learning_curve_scores_the_validation_slices_at_every_interval():
     label[:, :, 10:20, 10:20] = 1
     image = image * 0.3 + label * 0.6
     train, val = seg.SliceSet(image[:8], label[:8]), seg.SliceSet(image[8:], label[8:])
-    rows = seg.learning_curve(train, val, steps=6, every=2, batch_size=4, seed=0, pixel_mm=1.0,
+    rows = scoring.learning_curve(train, val, steps=6, every=2, batch_size=4, seed=0, pixel_mm=1.0,
                               augment=True)
     assert [r["step"] for r in rows] == [2, 4, 6]
     assert all(0.0 <= r["dice"] <= 1.0 and r["n_slices"] == 4 for r in rows)
@@ -58,7 +59,7 @@ def test_learning_curve_scores_the_validation_slices_at_every_interval():
 
 @pytest.mark.slow
 def test_segmenter_curve_cli_on_the_phantom_is_resumable(tmp_path):
-    from pipelines import segmenter_curve
+    from pancreas_gvae.pipelines import segmenter_curve
 
     out = tmp_path / "curve"
     argv = ["--steps", "4", "--every", "2", "--seeds", "0", "--out", str(out), "--tracking-uri",

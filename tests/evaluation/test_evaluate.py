@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pancreas_gvae.evaluation import COLUMNS, METRICS, best_per_column, render_markdown, summarise
-from pipelines import evaluate
+from pancreas_gvae.evaluation.compare import COLUMNS, METRICS, best_per_column, render_markdown, summarise
+from pancreas_gvae.pipelines import evaluate
 
 ENCODER_ONLY = [m.column for m in METRICS if m.encoder_only]
 TINY = ["--steps", "3", "--batch-size", "8", "--n-eval", "16", "--n-val", "8", "--n-memo", "200",
@@ -160,8 +160,8 @@ def test_mask_columns_of_real_slices_scored_as_samples_are_perfect():
     segmenter's Dice on them as label fidelity; shuffled masks lower fidelity (the metric can fail)."""
     import torch
 
-    from pancreas_gvae import segmentation as S
-    from pancreas_gvae.evaluation import EvalData, SegmentationRefs, mask_columns
+    from pancreas_gvae.segmentation import unet as S
+    from pancreas_gvae.evaluation.compare import EvalData, SegmentationRefs, mask_columns
 
     g = torch.Generator().manual_seed(0)
     n, size = 48, 32

@@ -16,12 +16,13 @@ import torch
 
 from pancreas_gvae.config import Config, load_config
 from pancreas_gvae.errors import PipelineError
-from pancreas_gvae.export import export_bundle, generator_kwargs, infer_geometry
+from pancreas_gvae.synthesis.bundle import export_bundle
+from pancreas_gvae.synthesis.generator import generator_kwargs, infer_geometry
 from pancreas_gvae.models import build_model
 from pancreas_gvae.models.networks import Generator
 from pancreas_gvae.training.checkpoint import save_checkpoint
 from pancreas_gvae.training.trainer import Trainer, seed_everything
-from pipelines.export_bundle import main as export_main
+from pancreas_gvae.pipelines.export_bundle import main as export_main
 
 pytestmark = pytest.mark.filterwarnings("ignore:parsing config_file")  # MONAI's note on trusting configs
 

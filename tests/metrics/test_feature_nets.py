@@ -10,7 +10,7 @@ import pytest
 import torch
 from monai.data.synthetic import create_test_image_2d
 
-from pancreas_gvae.metrics.feature_nets import (
+from pancreas_gvae.evaluation.metrics.feature_nets import (
     SliceAutoencoder,
     SmallClassifier,
     accuracy,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pancreas_gvae.metrics.fidelity import (
+from pancreas_gvae.evaluation.metrics.fidelity import (
     class_histogram,
     feature_statistics,
     frechet_distance,

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from pancreas_gvae.metrics.likelihood import (
+from pancreas_gvae.evaluation.metrics.likelihood import (
     binarize,
     decoder_log_likelihood,
     elbo,

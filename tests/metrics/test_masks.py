@@ -10,8 +10,8 @@ import pytest
 import torch
 from skimage.draw import disk, ellipse
 
-from pancreas_gvae import metrics as M
-from pancreas_gvae.metrics.masks import robust_scale
+from pancreas_gvae.evaluation import metrics as M
+from pancreas_gvae.evaluation.metrics.masks import robust_scale
 
 S = 32
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pancreas_gvae.metrics.memorisation import memorisation_check, nearest_neighbours
+from pancreas_gvae.evaluation.metrics.memorisation import memorisation_check, nearest_neighbours
 
 
 def _train(n: int = 60, seed: int = 0) -> torch.Tensor:

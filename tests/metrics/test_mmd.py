@@ -8,7 +8,7 @@ import pytest
 import torch
 from monai.metrics import MMDMetric
 
-from pancreas_gvae.metrics.mmd import (
+from pancreas_gvae.evaluation.metrics.mmd import (
     gaussian_bandwidths,
     median_heuristic,
     mmd2_features,

@@ -6,7 +6,7 @@ import pytest
 import torch
 from monai.metrics import MultiScaleSSIMMetric
 
-from pancreas_gvae.metrics.ssim import (
+from pancreas_gvae.evaluation.metrics.ssim import (
     MONAI_MS_SSIM_WEIGHTS,
     ms_ssim_diversity,
     ms_ssim_settings,

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pancreas_gvae.config import load_config
-from pancreas_gvae.losses import kl_per_sample
+from pancreas_gvae.training.losses import kl_per_sample
 from pancreas_gvae.models import build_model
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))

@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from pancreas_gvae import losses as L
+from pancreas_gvae.training import losses as L
 
 
 def test_kl_of_prior_is_zero_and_matches_closed_form():

@@ -16,8 +16,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 from nbclient import NotebookClient
 
-from pancreas_gvae.ct.phantom import label_path, make_phantom_cohort
-from pipelines import train_ct
+from pancreas_gvae.data.ct.phantom import label_path, make_phantom_cohort
+from pancreas_gvae.pipelines import train_ct
 
 REPO = Path(__file__).resolve().parents[2]
 NOTEBOOKS = REPO / "notebooks"

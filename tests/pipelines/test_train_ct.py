@@ -15,7 +15,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from pipelines import train_ct
+from pancreas_gvae.pipelines import train_ct
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["--set", "data.phantom.cases=3", "--set", "data.phantom.size=64", "--batch-size", "8",

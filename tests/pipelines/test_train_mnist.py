@@ -6,7 +6,7 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipelines import train_mnist
+from pancreas_gvae.pipelines import train_mnist
 
 FAST = ["--steps", "4", "--batch-size", "16", "--set", "model.channels=[8,16]", "--set", "model.latent_dim=8",
         "--set", "train.log_every=1", "--set", "train.sample_every=2", "--set", "train.checkpoint_every=2",

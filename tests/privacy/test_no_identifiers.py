@@ -25,7 +25,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from pydicom.uid import generate_uid
 
-from pancreas_gvae.ct.phantom import make_phantom_cohort
+from pancreas_gvae.data.ct.phantom import make_phantom_cohort
 
 FAKE = {
     "PatientName": "Doe^Jane^Fake",
@@ -158,7 +158,7 @@ def _mlflow_blobs(uri: str, dst: Path) -> dict[str, list[bytes]]:
 
 @pytest.mark.slow
 def test_no_source_identifier_reaches_exports_or_mlflow(tmp_path, monkeypatch):
-    from pipelines import sample, train_ct
+    from pancreas_gvae.pipelines import sample, train_ct
 
     monkeypatch.chdir(tmp_path)  # MLflow's default artifact root (./mlruns) lands in tmp_path
     cohort = tmp_path / "cohort"

@@ -7,7 +7,7 @@ import pydicom
 import pytest
 from pydicom.uid import CTImageStorage
 
-from pancreas_gvae.export.dicom import SYNTHETIC_STATEMENT, hu_from_dataset, write_dicom_pairs
+from pancreas_gvae.synthesis.dicom import SYNTHETIC_STATEMENT, hu_from_dataset, write_dicom_pairs
 
 PX = 5.0
 WINDOW = (-125.0, 275.0)

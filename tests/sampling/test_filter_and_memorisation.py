@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from pancreas_gvae.errors import PipelineError
-from pancreas_gvae.privacy import memorisation_check_by_case, memorisation_histogram, plausibility_table, reason_counts
+from pancreas_gvae.synthesis.privacy import memorisation_check_by_case, memorisation_histogram, plausibility_table, reason_counts
 
 
 def _pair(hu_inside: float, *, voxels: int = 40, size: int = 16, hu_outside: float = -100.0):

@@ -14,14 +14,15 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from pancreas_gvae.config import load_config
-from pancreas_gvae.ct.manifest import to_frame, write_manifest
-from pancreas_gvae.export.bundle import generator_kwargs
+from pancreas_gvae.data.ct.manifest import to_frame, write_manifest
+from pancreas_gvae.synthesis.generator import generator_kwargs
 from pancreas_gvae.models.networks import Generator
-from pancreas_gvae.sampling import LoadedGenerator, SampleOptions, load_from_checkpoint, run_sampling
+from pancreas_gvae.synthesis.generator import LoadedGenerator, load_from_checkpoint
+from pancreas_gvae.synthesis.sampling import SampleOptions, run_sampling
 from pancreas_gvae.training.checkpoint import save_checkpoint
-from pancreas_gvae.training.ct import data_config
-from pipelines import sample as sample_cli
-from transforms.cache import save_cached_case
+from pancreas_gvae.data.ct.config import data_config
+from pancreas_gvae.pipelines import sample as sample_cli
+from pancreas_gvae.transforms.cache import save_cached_case
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["model.channels=[8,16,32]", "model.latent_dim=8", "tracking.system_metrics=false"]
@@ -130,7 +131,7 @@ def test_memorisation_check_leaves_near_copies_out(tmp_path, checkpoint):
     prepared = _fake_prepared(tmp_path / "prepared")
     real = load_from_checkpoint(checkpoint)
     data = data_config(real.config)
-    from pancreas_gvae.privacy import load_training_slices
+    from pancreas_gvae.synthesis.privacy import load_training_slices
 
     slices, manifest = load_training_slices(prepared, data)
     assert slices.images.shape == (12, 64, 64) and sorted(set(slices.case_index)) == [0, 1, 2]

@@ -26,8 +26,9 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from pancreas_gvae.config import load_config
+from pancreas_gvae.data.ct.config import data_config
 from pancreas_gvae.training import ct
-from pipelines import train_ct
+from pancreas_gvae.pipelines import train_ct
 
 TINY = ["--set", "data.phantom.cases=3", "--set", "data.phantom.size=64", "--batch-size", "8",
         "--set", "model.channels=[8,16,32]", "--set", "model.latent_dim=8", "--set", "train.log_every=1",
@@ -143,7 +144,7 @@ def _prepare_phantom(argv: list[str], out: Path) -> None:
     args = train_ct.parse_args(argv)
     cfg = load_config(args.config, train_ct._cli_overrides(args))
     ct.ensure_phantom(out / "phantom", cfg.data.get("phantom", {}))
-    ct.prepare(out / "phantom", out / "prepared", ct.data_config(cfg), labels=None, layout="auto",
+    ct.prepare(out / "phantom", out / "prepared", data_config(cfg), labels=None, layout="auto",
                pancreas_label=None, workers=1)
 
 

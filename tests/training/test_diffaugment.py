@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pancreas_gvae.config import load_config
-from pancreas_gvae.diffaugment import cutout, diff_augment, parse_policy, translation
+from pancreas_gvae.training.diffaugment import cutout, diff_augment, parse_policy, translation
 from pancreas_gvae.errors import PipelineError
 from pancreas_gvae.models import build_model
 from pancreas_gvae.training.trainer import Trainer, seed_everything

@@ -8,7 +8,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from pancreas_gvae import losses as L
+from pancreas_gvae.training import losses as L
 from pancreas_gvae.config import load_config
 from pancreas_gvae.models import build_model
 from pancreas_gvae.training.steps import _with_own_masks
@@ -75,8 +75,8 @@ def test_gvae_shows_d_the_reconstructed_mask_of_unlabelled_samples():
 
 
 def test_train_ct_runs_a_cohort_mixing_labelled_and_image_only_cases(tmp_path):
-    from pancreas_gvae.ct.phantom import make_phantom_cohort
-    from pipelines import train_ct
+    from pancreas_gvae.data.ct.phantom import make_phantom_cohort
+    from pancreas_gvae.pipelines import train_ct
 
     root = tmp_path / "cohort"
     make_phantom_cohort(root, cases=3, size=64, seed=0)

@@ -1,1 +1,0 @@
-"""CT data: phantom cohort, TCIA download, DICOM/NIfTI reading and pairing."""

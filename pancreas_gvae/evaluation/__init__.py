@@ -1,0 +1,1 @@
+"""Evaluation: generative models compared on held-out data (``compare``, ``heldout``) and the metrics they use."""

@@ -1,0 +1,1 @@
+"""Synthesis: prior samples from a trained generator, their checks (plausibility, memorisation) and exports."""
