@@ -73,6 +73,7 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("recon_l1", False, "recon L1", True),
     MetricSpec("elbo_nats", True, "ELBO (nats)", True),
     MetricSpec("kl_nats", False, "KL (nats)", True),
+    MetricSpec("prior_gap_kl_nats", False, "KL(aggregate posterior of training slices ‖ N(0,I)) (nats)", True),
     MetricSpec("fid_feature", False, "Fréchet distance (features)"),
     MetricSpec("kid_feature", False, "kernel distance (features)"),
     MetricSpec("precision", True, "precision"),
@@ -94,7 +95,7 @@ MASK_COLUMNS = {"mask/shape_score": "mask_shape_score", "mask/intensity_w1": "ma
 METRIC_COLUMNS = [m.column for m in METRICS]
 ID_COLUMNS = ["dataset", "model", "seed"]
 INFO_COLUMNS = ["steps", "batch_size", "n_eval", "n_samples", "mask_share_fake", "mask_share_real", "real_dice",
-                "iwae_k",
+                "iwae_k", "agg_posterior_var",
                 "likelihood", "recon_units",
                 "feature_net", "run_id", "train_seconds", "train_seconds_cum", "eval_seconds"]
 COLUMNS = ID_COLUMNS + METRIC_COLUMNS + INFO_COLUMNS
@@ -221,6 +222,8 @@ def evaluate_model(model, ema_generator: torch.nn.Module, data: EvalData, *, lat
             row["recon_mse"], row["recon_l1"] = _mean(err.mse), _mean(err.l1)
             terms = M.elbo(x_lik, encode, decode, likelihood=data.likelihood, sigma=data.sigma, seed=0)
             row["elbo_nats"], row["kl_nats"] = _mean(terms.elbo), _mean(terms.kl)
+            gap = M.aggregate_posterior(data.memo_train, encode)
+            row["prior_gap_kl_nats"], row["agg_posterior_var"] = gap.kl_nats, gap.variance
             row["loglik_iwae_nats"] = _mean(M.iwae_bound(x_lik, encode, decode, k=iwae_k,
                                                           likelihood=data.likelihood, sigma=data.sigma, seed=0))
         model.train(was_training)

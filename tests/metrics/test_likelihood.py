@@ -195,3 +195,22 @@ def test_parzen_bandwidth_is_chosen_on_validation():
     # in 2-D with 300 centres, the estimate is within ~0.5 nats of the true N(0, I) log-density
     true = torch.distributions.Normal(0.0, 1.0).log_prob(test).sum(1).double()
     assert abs(float(res.log_likelihood.mean() - true.mean())) < 0.5
+
+
+def test_aggregate_posterior_sees_a_prior_hole():
+    """Codes spread as the prior: KL ~0, variance ~1; codes 1.5x wider: KL = d/2 (v - 1 - ln v) for v = 2.25."""
+    from pancreas_gvae.evaluation.metrics.likelihood import aggregate_posterior
+
+    d, n = 4, 20000
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(n, d, generator=gen)
+    tight = torch.full((n, d), math.log(1e-4))  # a confident encoder: sigma^2 = 1e-4
+
+    matched = aggregate_posterior(z, lambda x: (x, tight[: len(x)]), batch_size=3000)
+    assert abs(matched.kl_nats) < 0.01 and abs(matched.variance - 1) < 0.03
+    assert matched.posterior_variance == pytest.approx(1e-4, rel=1e-6)
+
+    wide = aggregate_posterior(1.5 * z, lambda x: (x, tight[: len(x)]))
+    v = 2.25 + 1e-4
+    assert wide.kl_nats == pytest.approx(0.5 * d * (v - 1 - math.log(v)), rel=0.05)
+    assert wide.variance == pytest.approx(v, rel=0.03)

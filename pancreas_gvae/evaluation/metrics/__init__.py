@@ -42,8 +42,10 @@ from pancreas_gvae.evaluation.metrics.fidelity import (
     precision_recall,
 )
 from pancreas_gvae.evaluation.metrics.likelihood import (
+    AggregatePosterior,
     ELBOTerms,
     ParzenResult,
+    aggregate_posterior,
     binarize,
     decoder_log_likelihood,
     elbo,
@@ -89,6 +91,7 @@ from pancreas_gvae.evaluation.metrics.ssim import (
 )
 
 __all__ = [
+    "AggregatePosterior",
     "DEFAULT_BANDWIDTH_FACTORS",
     "ELBOTerms",
     "KernelDistance",
@@ -103,6 +106,7 @@ __all__ = [
     "SliceAutoencoder",
     "SmallClassifier",
     "accuracy",
+    "aggregate_posterior",
     "binarize",
     "class_histogram",
     "decoder_log_likelihood",
