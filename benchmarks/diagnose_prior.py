@@ -1,5 +1,5 @@
 """Prior holes: do codes of real slices fill N(0, I)? Prints the aggregate-posterior figures of a checkpoint and
-renders posterior | N(0, I) | fitted-Gaussian decodes side by side.
+renders real slices | their posterior decodes | N(0, I) decodes | fitted-Gaussian decodes, one row each.
 
 The GVAE's decoder is trained on codes of real slices (and, through D, on prior samples). When the codes of
 real slices spread wider than the prior, or the encoder is very confident, prior samples decode from regions
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         eig = torch.linalg.eigvalsh(cov)
         z = torch.randn(args.n, d, generator=torch.Generator().manual_seed(args.seed), dtype=torch.float64)
         fitted = mu.double().mean(0) + z @ torch.linalg.cholesky(cov).T
-        rows = {"posterior (real codes)": model.decode(mu[: args.n]), "prior N(0, I)": model.decode(z.float()),
+        rows = {"real slices": x[: args.n], "their posterior means decoded": model.decode(mu[: args.n]), "prior N(0, I)": model.decode(z.float()),
                 "Gaussian fitted to real codes": model.decode(fitted.float())}
     print(f"checkpoint step {state.get('step')}, {len(mu)} slices, latent {d}")
     print(f"KL(aggregate posterior fit || N(0,I)) = {gap.kl_nats:.1f} nats; mean variance {gap.variance:.3f} "
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(3, args.n, figsize=(args.n, 3.4))
+    fig, axes = plt.subplots(len(rows), args.n, figsize=(args.n, 1.15 * len(rows)))
     for r, (name, imgs) in enumerate(rows.items()):
         for i in range(args.n):
             ax = axes[r, i]
