@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         mu, logvar = model.encode(x)
         gap = aggregate_posterior(x, model.encode)
+        l1 = (model.decode(mu)[:, 0] - x[:, 0]).abs().mean()
         d = mu.shape[1]
         cov = torch.cov(mu.double().T) + torch.diag(logvar.double().exp().mean(0))
         eig = torch.linalg.eigvalsh(cov)
@@ -60,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"checkpoint step {state.get('step')}, {len(mu)} slices, latent {d}")
     print(f"KL(aggregate posterior fit || N(0,I)) = {gap.kl_nats:.1f} nats; mean variance {gap.variance:.3f} "
           f"(prior 1); mean posterior sigma^2 {gap.posterior_variance:.4f}; "
-          f"covariance eigenvalues min/median/max {eig.min():.3f}/{eig.median():.3f}/{eig.max():.3f}")
+          f"covariance eigenvalues min/median/max {eig.min():.3f}/{eig.median():.3f}/{eig.max():.3f}; "
+          f"reconstruction L1 (CT channel, [0, 1]) {l1:.4f}")
 
     import matplotlib
 
