@@ -20,7 +20,10 @@ The metric definitions are those of ``/work/shared/GVAE.md`` as implemented in
   **TSTR**: the same UNet recipe trained on synthetic pairs only, Dice on the held-out real slices, next to
   the real-trained one (:mod:`pancreas_gvae.segmentation.unet`).
 - **Encoder metrics** (reconstruction, ELBO, KL, IWAE) use the live encoder and generator in ``eval()``
-  mode (the pair that was trained together); reconstructions decode the posterior mean.
+  mode (the pair that was trained together); reconstructions decode the posterior mean. The **prior gap**
+  (``prior_gap_kl_nats``, with ``agg_posterior_var``) compares a Gaussian fitted to the codes of the
+  *training* images (the memorisation reference set) with N(0, I): where it is large, prior samples decode
+  from regions the decoder rarely saw in training (:func:`pancreas_gvae.evaluation.metrics.aggregate_posterior`).
 - **Image metrics on CT** (pixel MMD, SSIM, MS-SSIM, MSE/L1 in HU, Parzen, memorisation, features) use
   the CT channel only; the pancreas-mask channel enters the likelihood metrics (ELBO, IWAE) only.
 - **Likelihoods.** MNIST / Fashion: Bernoulli decoder on binarised held-out images (stochastic
