@@ -56,6 +56,12 @@ def build_model(cfg: ModelConfig) -> GenerativeModel:
     return GenerativeModel(cfg)
 
 
+def prior_codes(n: int, latent_dim: int, seed: int) -> torch.Tensor:
+    """``n`` codes ``z ~ N(0, I)`` on the CPU from ``torch.Generator().manual_seed(seed)``: code ``i`` depends only
+    on ``(seed, i)``. The project's one seeded prior draw (sampling, evaluation, the bundle, training previews)."""
+    return torch.randn(int(n), int(latent_dim), generator=torch.Generator().manual_seed(int(seed)))
+
+
 def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """``z = mu + exp(logvar / 2) * eps``, ``eps ~ N(0, I)`` drawn from ``generator`` for replayable runs."""
     eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)

@@ -15,6 +15,8 @@ import nibabel as nib
 import numpy as np
 import torch
 
+from pancreas_gvae.models.gvae import prior_codes
+
 
 @dataclass
 class SyntheticSlices:
@@ -34,7 +36,7 @@ def prior_batches(generator: torch.nn.Module, n: int, *, latent_dim: int, seed: 
     n, batch_size = int(n), int(batch_size)
     if n < 1 or batch_size < 1:
         raise ValueError(f"n and batch_size must be >= 1, got {n} and {batch_size}")
-    z_all = torch.randn(n, latent_dim, generator=torch.Generator().manual_seed(int(seed)))
+    z_all = prior_codes(n, latent_dim, seed)
     for start in range(0, n, batch_size):
         z = z_all[start:start + batch_size]
         yield z, generator(z.to(device)).float().cpu()

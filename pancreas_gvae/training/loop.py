@@ -9,6 +9,7 @@ from typing import Callable, Protocol
 import torch
 from tqdm.auto import tqdm
 
+from pancreas_gvae.models.gvae import prior_codes
 from pancreas_gvae.training import distributed
 from pancreas_gvae.training.checkpoint import save_checkpoint
 from pancreas_gvae.training.trainer import Trainer
@@ -26,8 +27,7 @@ class Preview:
     """Fixed prior noise and a fixed real batch, so grids are comparable from step to step."""
 
     def __init__(self, trainer: Trainer, real: torch.Tensor, *, num_samples: int, seed: int):
-        g = torch.Generator().manual_seed(seed + 7919)
-        self.z = torch.randn(num_samples, trainer.model.latent_dim, generator=g)
+        self.z = prior_codes(num_samples, trainer.model.latent_dim, seed + 7919)
         self.real = real[: min(num_samples // 2, real.shape[0])]
         self.trainer = trainer
         self.mask_channels = trainer.cfg.model.mask_channels
