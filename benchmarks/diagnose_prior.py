@@ -24,6 +24,7 @@ from pancreas_gvae.config import Config
 from pancreas_gvae.data.ct.config import data_config, fit_options
 from pancreas_gvae.evaluation.metrics import aggregate_posterior
 from pancreas_gvae.models import build_model
+from pancreas_gvae.models.gvae import prior_codes
 from pancreas_gvae.training.checkpoint import load_checkpoint
 from pancreas_gvae.transforms.slice_dataset import CTSliceDataset, read_slices
 
@@ -48,17 +49,15 @@ def main(argv: list[str] | None = None) -> int:
     batch = read_slices(ds)
     x = torch.cat([batch["image"], batch["label"]], dim=1)
     with torch.no_grad():
-        mu, logvar = model.encode(x)
         gap = aggregate_posterior(x, model.encode)
-        l1 = (model.decode(mu)[:, 0] - x[:, 0]).abs().mean()
-        d = mu.shape[1]
-        cov = torch.cov(mu.double().T) + torch.diag(logvar.double().exp().mean(0))
-        eig = torch.linalg.eigvalsh(cov)
-        z = torch.randn(args.n, d, generator=torch.Generator().manual_seed(args.seed), dtype=torch.float64)
-        fitted = mu.double().mean(0) + z @ torch.linalg.cholesky(cov).T
-        rows = {"real slices": x[: args.n], "their posterior means decoded": model.decode(mu[: args.n]), "prior N(0, I)": model.decode(z.float()),
-                "Gaussian fitted to real codes": model.decode(fitted.float())}
-    print(f"checkpoint step {state.get('step')}, {len(mu)} slices, latent {d}")
+        recon = model.reconstruct(x)
+        l1 = (recon[:, 0] - x[:, 0]).abs().mean()
+        eig = torch.linalg.eigvalsh(gap.covariance)
+        z = prior_codes(args.n, model.latent_dim, args.seed)
+        fitted = gap.mean + z.double() @ torch.linalg.cholesky(gap.covariance).T
+        rows = {"real slices": x[: args.n], "their posterior means decoded": recon[: args.n],
+                "prior N(0, I)": model.decode(z), "Gaussian fitted to real codes": model.decode(fitted.float())}
+    print(f"checkpoint step {state.get('step')}, {len(x)} slices, latent {model.latent_dim}")
     print(f"KL(aggregate posterior fit || N(0,I)) = {gap.kl_nats:.1f} nats; mean variance {gap.variance:.3f} "
           f"(prior 1); mean posterior sigma^2 {gap.posterior_variance:.4f}; "
           f"covariance eigenvalues min/median/max {eig.min():.3f}/{eig.median():.3f}/{eig.max():.3f}; "

@@ -280,13 +280,16 @@ class AggregatePosterior(NamedTuple):
     ``kl_nats``: KL(N(m, S) || N(0, I)) of the Gaussian fitted to the aggregate posterior (mean of the codes,
     ``S`` = covariance of the means + mean posterior variance): 0 when prior samples land where real codes
     are; ``variance``: mean of ``S``'s diagonal (1 when matched); ``posterior_variance``: mean sigma^2 of
-    q(z|x). A decoder only sees codes near real ones in training, so a large ``kl_nats`` means prior
-    samples decode from regions it was never trained on (Rosca et al. 2018; Dai & Wipf 2019).
+    q(z|x); ``mean`` and ``covariance``: the fitted Gaussian itself (float64). A decoder only sees codes near
+    real ones in training, so a large ``kl_nats`` means prior samples decode from regions it was never
+    trained on (Rosca et al. 2018; Dai & Wipf 2019).
     """
 
     kl_nats: float
     variance: float
     posterior_variance: float
+    mean: torch.Tensor
+    covariance: torch.Tensor
 
 
 @torch.no_grad()
@@ -300,7 +303,7 @@ def aggregate_posterior(x: torch.Tensor, encode: Encode, *, batch_size: int = 50
     s = cov + torch.diag(var.mean(0))
     m = mu.mean(0)
     kl = 0.5 * (torch.trace(s) + m @ m - d - torch.linalg.slogdet(s).logabsdet)
-    return AggregatePosterior(float(kl), float(torch.diagonal(s).mean()), float(var.mean()))
+    return AggregatePosterior(float(kl), float(torch.diagonal(s).mean()), float(var.mean()), m, s)
 
 
 # --- Parzen window -------------------------------------------------------------------------------------
