@@ -199,7 +199,7 @@ def test_parzen_bandwidth_is_chosen_on_validation():
 
 def test_aggregate_posterior_sees_a_prior_hole():
     """Codes spread as the prior: KL ~0, variance ~1; codes 1.5x wider: KL = d/2 (v - 1 - ln v) for v = 2.25."""
-    from pancreas_gvae.evaluation.metrics.likelihood import aggregate_posterior
+    from pancreas_gvae.evaluation.metrics.prior_gap import aggregate_posterior
 
     d, n = 4, 20000
     gen = torch.Generator().manual_seed(0)

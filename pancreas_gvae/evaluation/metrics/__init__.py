@@ -15,6 +15,7 @@ Each module's docstring carries the mathematics and the caveats.
 | Fréchet distance, kernel distance | :func:`frechet_distance_features`, :func:`kernel_distance` | :mod:`.fidelity` |
 | precision / recall (k-NN manifolds) | :func:`precision_recall` | :mod:`.fidelity` |
 | mode coverage | :func:`mode_coverage` | :mod:`.fidelity` |
+| prior hole: KL of the aggregate posterior to N(0, I) | :func:`aggregate_posterior` | :mod:`.prior_gap` |
 | memorisation | :func:`memorisation_check` | :mod:`.memorisation` |
 | mask channel: share, shape, intensity under the mask | :func:`mask_scores`, :func:`mask_shape_distance` | :mod:`.masks` |
 | feature networks (in-project) | :func:`train_classifier`, :func:`train_slice_autoencoder` | :mod:`.feature_nets` |
@@ -42,10 +43,8 @@ from pancreas_gvae.evaluation.metrics.fidelity import (
     precision_recall,
 )
 from pancreas_gvae.evaluation.metrics.likelihood import (
-    AggregatePosterior,
     ELBOTerms,
     ParzenResult,
-    aggregate_posterior,
     binarize,
     decoder_log_likelihood,
     elbo,
@@ -80,6 +79,7 @@ from pancreas_gvae.evaluation.metrics.mmd import (
     subsample,
     unbiased_mmd2,
 )
+from pancreas_gvae.evaluation.metrics.prior_gap import AggregatePosterior, aggregate_posterior
 from pancreas_gvae.evaluation.metrics.ssim import (
     MSSSIMSettings,
     ReconstructionError,

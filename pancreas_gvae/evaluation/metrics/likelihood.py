@@ -72,10 +72,8 @@ import torch.nn.functional as F
 from pancreas_gvae.evaluation.metrics.mmd import pairwise_sq_distances
 
 __all__ = [
-    "AggregatePosterior",
     "ELBOTerms",
     "ParzenResult",
-    "aggregate_posterior",
     "binarize",
     "decoder_log_likelihood",
     "elbo",
@@ -272,38 +270,6 @@ def encoder_kl(x: torch.Tensor, encode: Encode, *, batch_size: int = 500) -> tor
     """Per-image closed-form ``KL(q(z|x) || N(0, I))`` in nats, ``(N,)`` float64; report its mean on held-out images."""
     parts = [kl_standard_normal(*encode(x[i : i + batch_size])) for i in range(0, x.shape[0], batch_size)]
     return torch.cat(parts).cpu()
-
-
-class AggregatePosterior(NamedTuple):
-    """How well the prior N(0, I) covers the codes of real images (a "prior hole" diagnosis).
-
-    ``kl_nats``: KL(N(m, S) || N(0, I)) of the Gaussian fitted to the aggregate posterior (mean of the codes,
-    ``S`` = covariance of the means + mean posterior variance): 0 when prior samples land where real codes
-    are; ``variance``: mean of ``S``'s diagonal (1 when matched); ``posterior_variance``: mean sigma^2 of
-    q(z|x); ``mean`` and ``covariance``: the fitted Gaussian itself (float64). A decoder only sees codes near
-    real ones in training, so a large ``kl_nats`` means prior samples decode from regions it was never
-    trained on (Rosca et al. 2018; Dai & Wipf 2019).
-    """
-
-    kl_nats: float
-    variance: float
-    posterior_variance: float
-    mean: torch.Tensor
-    covariance: torch.Tensor
-
-
-@torch.no_grad()
-def aggregate_posterior(x: torch.Tensor, encode: Encode, *, batch_size: int = 500) -> AggregatePosterior:
-    """Fit a Gaussian to the aggregate posterior of ``x`` (e.g. the training images) and compare it with N(0, I)."""
-    parts = [encode(x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)]
-    mu = torch.cat([p[0] for p in parts]).double().cpu()
-    var = torch.cat([p[1] for p in parts]).double().exp().cpu()
-    d = mu.shape[1]
-    cov = torch.cov(mu.T).reshape(d, d) if mu.shape[0] > 1 else torch.zeros(d, d, dtype=torch.float64)
-    s = cov + torch.diag(var.mean(0))
-    m = mu.mean(0)
-    kl = 0.5 * (torch.trace(s) + m @ m - d - torch.linalg.slogdet(s).logabsdet)
-    return AggregatePosterior(float(kl), float(torch.diagonal(s).mean()), float(var.mean()), m, s)
 
 
 # --- Parzen window -------------------------------------------------------------------------------------
