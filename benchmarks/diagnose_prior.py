@@ -24,7 +24,7 @@ from pancreas_gvae.config import Config
 from pancreas_gvae.data.ct.config import data_config, fit_options
 from pancreas_gvae.evaluation.metrics import aggregate_posterior
 from pancreas_gvae.models import build_model
-from pancreas_gvae.models.gvae import prior_codes
+from pancreas_gvae.models.latent_prior import prior_codes
 from pancreas_gvae.training.checkpoint import load_checkpoint
 from pancreas_gvae.transforms.slice_dataset import CTSliceDataset, read_slices
 

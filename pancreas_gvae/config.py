@@ -40,6 +40,9 @@ class ModelConfig:
     # (nearest-neighbour upsampling, then a 3x3 convolution: no checkerboard, Odena et al. 2016; ~4x the
     # FLOPs of those levels).
     generator_upsample: str = "transposed"
+    # Where sampled codes come from: 0 = N(0, I); K >= 1 = a K-component Gaussian mixture fitted to the codes of
+    # training images at every checkpoint (ex-post density, pancreas_gvae/models/latent_prior.py). GVAE and VAE.
+    latent_prior_components: int = 0
     discriminator_norm: str | None = None  # spectral norm is the default stabiliser for D
     spectral_norm: bool = True
 
@@ -135,6 +138,9 @@ class Config:
             raise PipelineError(
                 f"model.generator_upsample must be one of {', '.join(GENERATOR_UPSAMPLE)}, got {m.generator_upsample!r}"
             )
+        if m.latent_prior_components and m.kind == "gan":
+            raise PipelineError("model.latent_prior_components needs an encoder (gvae or vae): a GAN has no codes "
+                                "of training images to fit a prior to")
         if self.loss.adversarial not in ("nonsaturating", "hinge"):
             raise PipelineError(f"loss.adversarial must be nonsaturating or hinge, got {self.loss.adversarial!r}")
         from pancreas_gvae.training.diffaugment import parse_policy
@@ -179,6 +185,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.disc_channels": _POSITIVE_INTS,
     "model.latent_dim": (lambda v: v >= 1, "a positive integer"),
     "model.num_res_units": (lambda v: v >= 0, "an integer >= 0"),
+    "model.latent_prior_components": (lambda v: v >= 0, "an integer >= 0"),
     **{f"loss.{k}": _AT_LEAST_0 for k in ("beta_kl", "feature_recon", "pixel_l1", "recon_weight_g",
                                           "adversarial_weight", "r1_gamma", "mask_dice", "mask_bce")},
     "loss.kl_warmup_steps": (lambda v: v >= 0, "an integer >= 0"),

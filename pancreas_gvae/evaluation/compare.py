@@ -10,7 +10,8 @@ The metric definitions are those of ``/work/shared/GVAE.md`` as implemented in
   (never by slice); held-out slices are drawn, each at most once, with the training draw's pancreas share
   (``sampling.pos_fraction``), so models are scored against the distribution they were trained on.
 - **Samples** come from the trainer's EMA generator (``Trainer.ema_generator``, the sampling network of
-  the project), ``sigmoid(G(z))``, ``z ~ N(0, I)`` seeded by the run seed: ``n_samples`` of them (default
+  the project), ``sigmoid(G(z))``, ``z`` from the generator's prior (``N(0, I)``, or the mixture fitted to training
+  codes when ``model.latent_prior_components`` > 0) seeded by the run seed: ``n_samples`` of them (default
   2,000, at least as many as evaluation images), so FD/KID and precision/recall rest on enough samples.
   KID averages 100 subsets of half the smaller set (at most 1,000), so its spread (``kid_feature_sd``) is real.
 - **The mask channel (CT).** Share of samples with a pancreas mask against the held-out share, shape

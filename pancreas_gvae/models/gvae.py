@@ -25,7 +25,8 @@ class GenerativeModel(nn.Module):
             if cfg.kind in ("gvae", "vae") else None
         )
         self.generator = Generator(out_channels=cfg.in_channels, channels=cfg.channels, latent_dim=cfg.latent_dim,
-                                   norm=cfg.generator_norm, upsample=cfg.generator_upsample, **common)
+                                   norm=cfg.generator_norm, upsample=cfg.generator_upsample,
+                                   prior_components=cfg.latent_prior_components, **common)
         self.discriminator = (
             Discriminator(in_channels=cfg.in_channels, channels=cfg.disc_channels or cfg.channels,
                           norm=cfg.discriminator_norm, spectral_norm=cfg.spectral_norm, **common)
@@ -54,12 +55,6 @@ class GenerativeModel(nn.Module):
 
 def build_model(cfg: ModelConfig) -> GenerativeModel:
     return GenerativeModel(cfg)
-
-
-def prior_codes(n: int, latent_dim: int, seed: int) -> torch.Tensor:
-    """``n`` codes ``z ~ N(0, I)`` on the CPU from ``torch.Generator().manual_seed(seed)``: code ``i`` depends only
-    on ``(seed, i)``. The project's one seeded prior draw (sampling, evaluation, the bundle, training previews)."""
-    return torch.randn(int(n), int(latent_dim), generator=torch.Generator().manual_seed(int(seed)))
 
 
 def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

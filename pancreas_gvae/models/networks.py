@@ -14,6 +14,8 @@ import torch
 from monai.networks.blocks import Convolution, ResidualUnit, UpSample
 from torch import nn
 
+from pancreas_gvae.models.latent_prior import LatentPrior
+
 LEAKY = ("leakyrelu", {"negative_slope": 0.2, "inplace": False})
 
 
@@ -92,10 +94,13 @@ class Generator(nn.Module):
 
     def __init__(self, *, spatial_dims: int, out_channels: int, image_size: int, channels: Sequence[int],
                  latent_dim: int, num_res_units: int = 0, norm: str | None = "batch",
-                 upsample: str = "transposed"):
+                 upsample: str = "transposed", prior_components: int = 0):
         super().__init__()
         self.spatial_dims = spatial_dims
         self.latent_dim = latent_dim
+        # Codes to sample from: N(0, I) (None) or a mixture fitted to training codes after training
+        # (pancreas_gvae.models.latent_prior), carried as buffers so checkpoints and bundles hold it.
+        self.prior = LatentPrior(latent_dim, prior_components) if prior_components else None
         self.bottom = image_size // 2 ** len(channels)
         widths = list(reversed(channels))
         self.project = nn.Linear(latent_dim, widths[0] * self.bottom**spatial_dims)

@@ -46,6 +46,14 @@ SCHEMA_URL = ("https://github.com/Project-MONAI/MONAI-extra-test-data/releases/d
 GENERATOR_TARGET = f"{Generator.__module__}.{Generator.__qualname__}"
 
 
+def _prior_words(m) -> str:
+    """Where the bundle's codes come from, for its metadata and README."""
+    if m.latent_prior_components:
+        return (f"drawn from the {m.latent_prior_components}-component Gaussian mixture fitted to the codes of the "
+                "training images and stored in the network (network.prior; the bundle's sampler uses it)")
+    return "standard normal N(0, I)"
+
+
 def export_bundle(generator: torch.nn.Module, config: Config, out_dir: str | Path, *,
                   spacing: Sequence[float] | None = None, window: Sequence[float] | None = None,
                   name: str = DEFAULT_NAME, num_samples: int = 16, seed: int = 0,
@@ -190,7 +198,7 @@ def _metadata(config: Config, layout: _Layout, *, spacing, window, name: str) ->
         "task": f"Unconditional synthesis of {what} ({m.spatial_dims}D, {m.image_size} px) from a latent code",
         "description": (
             f"Generator of a {m.kind.upper()} (encoder + generator + discriminator built from MONAI blocks). "
-            f"z ~ N(0, I) of size {m.latent_dim} -> logits of {m.in_channels} channel(s); sigmoid gives "
+            f"z of size {m.latent_dim} ({_prior_words(m)}) -> logits of {m.in_channels} channel(s); sigmoid gives "
             f"{'the CT intensity and the pancreas-mask probability' if has_mask else 'the image intensity'}. "
             "All outputs are SYNTHETIC: "
             "they show no real patient and are not for diagnosis."
@@ -210,7 +218,7 @@ def _metadata(config: Config, layout: _Layout, *, spacing, window, name: str) ->
                 "z": {
                     "type": "vector", "format": "latent", "num_channels": m.latent_dim, "spatial_shape": [],
                     "dtype": "float32", "value_range": [], "is_patch_data": False,
-                    "channel_def": {}, "distribution": "standard normal N(0, I)",
+                    "channel_def": {}, "distribution": _prior_words(m),
                 }
             },
             "outputs": {
@@ -289,7 +297,8 @@ def _readme(name: str, config: Config, layout: _Layout, spacing, window, num_sam
     return f"""# {name}
 
 The generator of a {m.kind.upper()} (pancreas-gvae) as a MONAI Bundle. It maps a latent code
-`z ~ N(0, I)` ({m.latent_dim} values) to a {size} {"axial CT slice and its pancreas mask" if mask else "image"}.
+`z` ({m.latent_dim} values; {_prior_words(m)}) to a {size}
+{"axial CT slice and its pancreas mask" if mask else "image"}.
 
 **All images this bundle writes are synthetic.** They depict no real patient, carry no patient
 identifiers, and must not be used for diagnosis or treatment. Research use only. A generative model can

@@ -4,7 +4,8 @@
 :func:`~pancreas_gvae.synthesis.generator.load_from_run` give the EMA
 generator with its training config, :func:`run_sampling` does the rest:
 
-1. ``N`` prior samples ``sigmoid(G(z))``, ``z ~ N(0, I)`` from ``seed`` (:func:`pancreas_gvae.synthesis.slices.generate`);
+1. ``N`` prior samples ``sigmoid(G(z))``, ``z`` from ``seed`` (``N(0, I)``, or the generator's fitted latent
+   prior: :func:`pancreas_gvae.models.latent_prior.draw_codes`) by :func:`pancreas_gvae.synthesis.slices.generate`;
    CT channel back to HU through the training window, mask thresholded at 0.5.
 2. Optional plausibility filter and memorisation check (:mod:`pancreas_gvae.synthesis.privacy`); a pair that fails either
    is left out of the export, and the reason is recorded.

@@ -15,7 +15,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from pancreas_gvae.models.gvae import prior_codes
+from pancreas_gvae.models.latent_prior import draw_codes
 
 
 @dataclass
@@ -29,14 +29,15 @@ def prior_batches(generator: torch.nn.Module, n: int, *, latent_dim: int, seed: 
                   device: torch.device | str = "cpu", batch_size: int = 64) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """``(z, G(z))`` per batch of at most ``batch_size``: the project's one way to draw prior samples.
 
-    All ``n`` codes ``z ~ N(0, I)`` are drawn up front on the CPU from ``torch.Generator().manual_seed(seed)``,
-    so sample ``i`` depends only on ``(seed, i)``, never on the batch size or the device; ``G(z)`` (logits)
+    All ``n`` codes are drawn up front on the CPU by :func:`~pancreas_gvae.models.latent_prior.draw_codes` (the
+    generator's fitted latent prior if it carries one, else ``N(0, I)``, from ``seed``), so sample ``i`` depends
+    only on ``(seed, i)``, never on the batch size or the device; ``G(z)`` (logits)
     comes back as a CPU float tensor. The generator is used in whatever mode it is in.
     """
     n, batch_size = int(n), int(batch_size)
     if n < 1 or batch_size < 1:
         raise ValueError(f"n and batch_size must be >= 1, got {n} and {batch_size}")
-    z_all = prior_codes(n, latent_dim, seed)
+    z_all = draw_codes(generator, n, latent_dim, seed)
     for start in range(0, n, batch_size):
         z = z_all[start:start + batch_size]
         yield z, generator(z.to(device)).float().cpu()

@@ -40,6 +40,12 @@ class TensorBatches:
             self._epoch = epoch
         return self._perm
 
+    def fit_sample(self, n: int, seed: int) -> torch.Tensor:
+        """Up to ``n`` images of the whole tensor (every rank the same), a seeded subset."""
+        if n >= self.data.shape[0]:
+            return self.data
+        return self.data[torch.randperm(self.data.shape[0], generator=torch.Generator().manual_seed(seed))[:n]]
+
     def batch(self, step: int) -> torch.Tensor:
         epoch, i = divmod(step, self.steps_per_epoch)
         idx = self._permutation(epoch)[i * self.batch_size: (i + 1) * self.batch_size]
@@ -77,6 +83,19 @@ class DatasetBatches:
                                              num_workers=self.num_workers, pin_memory=self.pin_memory,
                                              drop_last=True)
         self._iter = iter(loader)
+
+    def fit_sample(self, n: int, seed: int) -> torch.Tensor:
+        """Up to ``n`` items of the dataset's slices (every rank the same), read with the one slice loader; the
+        dataset's epoch order is restored, so the batches are unchanged."""
+        from pancreas_gvae.transforms.slice_dataset import read_slices  # CT only: MNIST never imports the CT layer
+
+        order = self.dataset.order
+        try:
+            items = read_slices(self.dataset, max_slices=int(n), seed=int(seed))
+        finally:
+            self.dataset.order = order
+        x = self.to_tensor(items)
+        return x[0] if isinstance(x, tuple) else x
 
     def batch(self, step: int) -> torch.Tensor:
         if step != self._next_step or step % self.steps_per_epoch == 0:

@@ -9,7 +9,7 @@ from typing import Callable, Protocol
 import torch
 from tqdm.auto import tqdm
 
-from pancreas_gvae.models.gvae import prior_codes
+from pancreas_gvae.models.latent_prior import draw_codes
 from pancreas_gvae.training import distributed
 from pancreas_gvae.training.checkpoint import save_checkpoint
 from pancreas_gvae.training.trainer import Trainer
@@ -22,12 +22,16 @@ class BatchSource(Protocol):
     def batch(self, step: int) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """The inputs of step ``step``, or ``(inputs, has_label)`` where some samples have no label."""
 
+    def fit_sample(self, n: int, seed: int) -> torch.Tensor:
+        """Up to ``n`` training inputs, a seeded subset, for fitting the latent prior (no effect on batches)."""
+
 
 class Preview:
-    """Fixed prior noise and a fixed real batch, so grids are comparable from step to step."""
+    """Fixed prior noise and a fixed real batch, so grids are comparable from step to step (codes from the
+    generator's fitted latent prior when it has one: the same seed, refitted prior)."""
 
     def __init__(self, trainer: Trainer, real: torch.Tensor, *, num_samples: int, seed: int):
-        self.z = prior_codes(num_samples, trainer.model.latent_dim, seed + 7919)
+        self.num_samples, self.seed = num_samples, seed + 7919
         self.real = real[: min(num_samples // 2, real.shape[0])]
         self.trainer = trainer
         self.mask_channels = trainer.cfg.model.mask_channels
@@ -35,7 +39,8 @@ class Preview:
     @torch.no_grad()
     def samples(self) -> torch.Tensor:
         G = self.trainer.ema_generator.eval()
-        return torch.sigmoid(G(self.z.to(self.trainer.device))).float()
+        z = draw_codes(G, self.num_samples, self.trainer.model.latent_dim, self.seed)
+        return torch.sigmoid(G(z.to(self.trainer.device))).float()
 
     @torch.no_grad()
     def reconstructions(self) -> torch.Tensor | None:
@@ -58,8 +63,12 @@ class Preview:
 
 def fit(trainer: Trainer, batches: BatchSource, *, steps: int, checkpoint_path: Path, tracker, preview: Preview,
         extra_state: Callable[[], dict] | None = None, progress: bool = True,
-        monitor: Callable[[Trainer], dict[str, float]] | None = None) -> dict[str, float]:
+        monitor: Callable[[Trainer], dict[str, float]] | None = None,
+        refit_prior: Callable[[], None] | None = None) -> dict[str, float]:
     """Train up to ``steps`` total steps (continuing from ``trainer.step``); return the last logged values.
+
+    ``refit_prior`` (e.g. :meth:`Trainer.fit_latent_prior` on a fixed set of training images) runs before every
+    sample grid and checkpoint, so both show and hold a prior fitted to the weights of that step.
 
     Losses are read on the host only at logging steps (and at epoch ends for the epoch means);
     every other step runs without waiting for the device.
@@ -96,7 +105,10 @@ def fit(trainer: Trainer, batches: BatchSource, *, steps: int, checkpoint_path: 
             tracker.log_metrics(logs, step=step)
             bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in logs.items()
                              if k.startswith(("loss/", "perf/"))}, refresh=False)
-        if main and (step % tc.sample_every == 0 or step == steps):
+        sample_now = step % tc.sample_every == 0 or step == steps
+        if refit_prior is not None and (sample_now or checkpoint_now):
+            refit_prior()
+        if main and sample_now:
             for key, grid in preview.grids().items():
                 tracker.log_image(key, grid, step=step)
             if monitor is not None:  # e.g. the CT run's mask scores of prior samples

@@ -23,6 +23,8 @@ from pancreas_gvae.training.loop import BatchSource, Preview, fit
 from pancreas_gvae.training.trainer import Trainer, seed_everything
 from pancreas_gvae.tracking.images import save_png
 
+PRIOR_FIT_IMAGES = 2048  # training images whose codes the latent prior is fitted to (a seeded subset)
+
 
 @dataclass
 class RunResult:
@@ -101,10 +103,17 @@ def train_run(cfg: Config, batches: BatchSource, preview_images: torch.Tensor, *
     if main:
         tracker.log_config(cfg.to_dict())
     preview = Preview(trainer, preview_images, num_samples=cfg.train.num_samples, seed=cfg.train.seed)
+    refit_prior = None
+    if trainer.model.generator.prior is not None:  # model.latent_prior_components > 0
+        prior_images = batches.fit_sample(PRIOR_FIT_IMAGES, cfg.train.seed)
+        refit_prior = lambda: trainer.fit_latent_prior(prior_images)  # noqa: E731
+        distributed.print0(f"latent prior: {cfg.model.latent_prior_components}-component Gaussian mixture, "
+                           f"refitted at each checkpoint to the codes of {len(prior_images)} training images")
     start = time.perf_counter()
     try:
         logs = fit(trainer, batches, steps=cfg.train.steps, checkpoint_path=ckpt, tracker=tracker, preview=preview,
-                   extra_state=lambda: {"mlflow_run_id": tracker.run_id}, progress=progress, monitor=monitor)
+                   extra_state=lambda: {"mlflow_run_id": tracker.run_id}, progress=progress, monitor=monitor,
+                   refit_prior=refit_prior)
         if main:
             for key, grid in preview.grids().items():
                 tracker.log_artifact(save_png(grid, out_dir / f"{key}.png"), artifact_path="final")

@@ -220,6 +220,23 @@ class Trainer:
     def ema_generator(self) -> torch.nn.Module:
         return self.ema.module
 
+    @torch.no_grad()
+    def fit_latent_prior(self, images: torch.Tensor, *, batch_size: int = 256) -> None:
+        """Refit the generator's latent prior (``model.latent_prior_components`` > 0; a no-op otherwise) to the
+        encoder's codes of ``images`` (CPU is fine), and give the EMA generator, the one that is shipped, the same.
+        Every rank computes the same fit (same weights, same images, fixed seed)."""
+        prior = self.model.generator.prior
+        if prior is None:
+            return
+        encoder = self.model.encoder
+        was_training = encoder.training
+        encoder.eval()
+        codes = [encoder(images[i:i + batch_size].to(self.device)) for i in range(0, images.shape[0], batch_size)]
+        encoder.train(was_training)
+        prior.fit(torch.cat([c[0].float() for c in codes]), torch.cat([c[1].float() for c in codes]),
+                  seed=self.cfg.train.seed)
+        self.ema.module.prior.load_state_dict(prior.state_dict())
+
     def state_dict(self) -> dict:
         """Under several processes this is a collective (it gathers every rank's noise RNG): call it on all ranks."""
         noise_per_rank = distributed.all_gather_object(self.noise.get_state()) if distributed.is_distributed() else None

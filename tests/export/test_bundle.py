@@ -58,7 +58,8 @@ def bundle(tmp_path_factory) -> tuple[Path, Generator]:
 
 
 def _expected(gen: Generator, n: int, seed: int) -> torch.Tensor:
-    z = torch.randn(n, gen.latent_dim, generator=torch.Generator().manual_seed(seed))
+    z = (gen.prior.sample(n, seed) if gen.prior is not None
+         else torch.randn(n, gen.latent_dim, generator=torch.Generator().manual_seed(seed)))
     with torch.no_grad():
         return torch.sigmoid(gen(z))
 
@@ -154,6 +155,18 @@ def test_bundle_api_is_seeded_and_batch_size_invariant(bundle, tmp_path):
         np.testing.assert_allclose(a, b, atol=1, rtol=0)
         assert not np.allclose(a, c, atol=1)
         assert len(np.unique(a)) > 10, "the test generator should make images with contrast"
+
+
+def test_bundle_samples_from_the_generators_fitted_latent_prior(tmp_path):
+    cfg = _tiny_config(latent_prior_components=2)
+    gen = _generator(cfg)
+    codes = torch.randn(64, gen.latent_dim, generator=torch.Generator().manual_seed(1))
+    gen.prior.fit(torch.cat([codes * 0.1 + 3.0, codes * 0.1 - 3.0]), torch.full((128, gen.latent_dim), -4.0))
+    out = export_bundle(gen, cfg, tmp_path / "b", spacing=SPACING, window=WINDOW, num_samples=3)
+    _run_in_process(out, output_dir=str(tmp_path / "s"), num_samples=4, seed=2)
+    _check_samples(tmp_path / "s", gen, n=4, seed=2)  # the mixture's codes, not N(0, I)'s
+    plain = torch.sigmoid(gen(torch.randn(4, gen.latent_dim, generator=torch.Generator().manual_seed(2))))
+    assert not torch.allclose(_expected(gen, 4, 2), plain, atol=0.05)
 
 
 def test_single_channel_model_without_window_or_spacing(tmp_path):

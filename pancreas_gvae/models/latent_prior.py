@@ -1,0 +1,104 @@
+r"""Where prior samples' codes come from: N(0, I), or a Gaussian mixture fitted ex post to the codes of training images.
+
+A VAE-family decoder is trained on codes of real images. When those codes do not fill N(0, I) ("prior holes":
+measured by :func:`pancreas_gvae.evaluation.metrics.aggregate_posterior`; docs/results.md shows the phantom main
+job's codes filling a thin region, so N(0, I) draws decode to bodies without organs), sampling the prior
+draws from regions the decoder never learnt. Ex-post density estimation (Ghosh et al. 2020, "From variational to
+deterministic autoencoders"; the two-stage VAE of Dai & Wipf 2019 is the same idea with a second VAE) fits a
+density to the codes after training and samples codes from it instead. Here that density is a Gaussian mixture
+with ``components`` full-covariance components fitted by EM (scikit-learn's ``GaussianMixture``) to the
+posterior means :math:`\mu(x_i)` of the training images, with the mean posterior variance
+:math:`\overline{\sigma^2}` added to every component's covariance (``reg_covar``): the aggregate posterior is the
+mixture :math:`\frac1N\sum_i \mathcal N(\mu_i, \operatorname{diag}\sigma_i^2)`, so a component's spread is that of
+its means plus the posterior's own. ``components = 0`` keeps N(0, I).
+
+The fitted mixture lives in the generator as buffers (:class:`LatentPrior` is a submodule of
+:class:`~pancreas_gvae.models.networks.Generator`), so checkpoints, the MONAI bundle and every sampler carry it;
+the training loop refits it whenever it saves a checkpoint or a preview grid. The GVAE's adversarial and KL
+terms still use N(0, I) during training; only sampling changes.
+
+Privacy: mixture means are averages of many codes only when each component holds many images; with few
+training images per component a mean can sit near one patient's code. The memorisation check of
+:mod:`pancreas_gvae.evaluation.metrics.memorisation` is what tells; keep ``components`` small against the
+number of training slices (the trainer refuses fewer than 16 images per component).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["LatentPrior", "draw_codes", "prior_codes"]
+
+MIN_IMAGES_PER_COMPONENT = 16
+_COMPONENT_SEED = 104_729  # the component draw gets its own stream, so code i's noise is prior_codes' code i
+
+
+def prior_codes(n: int, latent_dim: int, seed: int) -> torch.Tensor:
+    """``n`` codes ``z ~ N(0, I)`` on the CPU from ``torch.Generator().manual_seed(seed)``: code ``i`` depends only
+    on ``(seed, i)``. The project's one seeded standard-normal draw (sampling, evaluation, the bundle, training
+    previews, and the noise of :meth:`LatentPrior.sample`)."""
+    return torch.randn(int(n), int(latent_dim), generator=torch.Generator().manual_seed(int(seed)))
+
+
+class LatentPrior(nn.Module):
+    """A Gaussian mixture over the latent space, held as buffers: ``log_weights (K,)``, ``means (K, d)``,
+    ``scale_tril (K, d, d)`` (Cholesky factors of the covariances) and ``fitted`` (0 until :meth:`fit`)."""
+
+    def __init__(self, latent_dim: int, components: int):
+        super().__init__()
+        if components < 1:
+            raise ValueError(f"a fitted latent prior needs components >= 1, got {components}")
+        self.latent_dim, self.components = int(latent_dim), int(components)
+        self.register_buffer("log_weights", torch.full((components,), -float(torch.log(torch.tensor(components)))))
+        self.register_buffer("means", torch.zeros(components, latent_dim))
+        self.register_buffer("scale_tril", torch.eye(latent_dim).repeat(components, 1, 1))
+        self.register_buffer("fitted", torch.zeros((), dtype=torch.uint8))
+
+    @property
+    def is_fitted(self) -> bool:
+        return bool(self.fitted)
+
+    @torch.no_grad()
+    def fit(self, mu: torch.Tensor, logvar: torch.Tensor, *, seed: int = 0) -> "LatentPrior":
+        """Fit the mixture to posterior means ``mu`` ``(N, d)`` with the mean of ``exp(logvar)`` as every
+        component's added variance; deterministic for a given ``seed``."""
+        from sklearn.mixture import GaussianMixture  # EM with k-means init: not worth re-writing
+
+        mu = mu.detach().double().flatten(1).cpu()
+        if mu.shape[1] != self.latent_dim:
+            raise ValueError(f"codes have {mu.shape[1]} dimensions, the prior {self.latent_dim}")
+        if mu.shape[0] < MIN_IMAGES_PER_COMPONENT * self.components:
+            raise ValueError(f"{mu.shape[0]} codes are too few for {self.components} mixture components "
+                             f"(>= {MIN_IMAGES_PER_COMPONENT} per component): lower model.latent_prior_components")
+        spread = float(logvar.detach().double().exp().mean())
+        gmm = GaussianMixture(self.components, covariance_type="full", reg_covar=max(spread, 1e-6),
+                              random_state=int(seed), n_init=1, max_iter=200).fit(mu.numpy())
+        self.log_weights.copy_(torch.as_tensor(gmm.weights_).log())
+        self.means.copy_(torch.as_tensor(gmm.means_))
+        self.scale_tril.copy_(torch.linalg.cholesky(torch.as_tensor(gmm.covariances_)))
+        self.fitted.fill_(1)
+        return self
+
+    @torch.no_grad()
+    def sample(self, n: int, seed: int) -> torch.Tensor:
+        """``n`` codes on the CPU: component ``c_i`` from the weights, ``z_i = m_c + L_c eps_i`` with ``eps`` =
+        :func:`prior_codes` ``(n, d, seed)``; code ``i`` depends only on ``(seed, i)``."""
+        if not self.is_fitted:
+            raise RuntimeError("the latent prior has not been fitted (a checkpoint written before the training "
+                               "loop's first refit?): sample from a finished run's checkpoint")
+        eps = prior_codes(n, self.latent_dim, seed)
+        uniform = torch.rand(int(n), generator=torch.Generator().manual_seed(int(seed) + _COMPONENT_SEED))
+        cdf = self.log_weights.cpu().double().softmax(0).cumsum(0)
+        comp = torch.searchsorted(cdf, uniform.double()).clamp_(max=self.components - 1)
+        tril = self.scale_tril.cpu().float()[comp]
+        return self.means.cpu().float()[comp] + (tril @ eps.unsqueeze(-1)).squeeze(-1)
+
+
+def draw_codes(generator: nn.Module, n: int, latent_dim: int, seed: int) -> torch.Tensor:
+    """``n`` codes to decode with ``generator``: from its fitted :class:`LatentPrior` if it has one, else N(0, I).
+    The one place that decides which prior a sample comes from."""
+    prior = getattr(generator, "prior", None)
+    if isinstance(prior, LatentPrior):
+        return prior.sample(n, seed)
+    return prior_codes(n, latent_dim, seed)

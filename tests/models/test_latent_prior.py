@@ -1,0 +1,116 @@
+"""The ex-post latent prior: a mixture fitted to training codes, carried by the generator, used by every sampler."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pancreas_gvae.config import load_config
+from pancreas_gvae.errors import PipelineError
+from pancreas_gvae.models.latent_prior import LatentPrior, draw_codes, prior_codes
+from pancreas_gvae.models.networks import Generator
+from pancreas_gvae.synthesis.generator import generator_from_checkpoint
+from pancreas_gvae.synthesis.slices import prior_batches
+from pancreas_gvae.training.batches import DatasetBatches, TensorBatches
+from pancreas_gvae.training.checkpoint import load_checkpoint
+from pancreas_gvae.training.run import train_run
+
+D = 64
+
+
+def _two_clusters(n=200):
+    g = torch.Generator().manual_seed(0)
+    mu = torch.cat([torch.randn(n, D, generator=g) * 0.1 + 2.0, torch.randn(n, D, generator=g) * 0.1 - 2.0])
+    return mu, torch.full_like(mu, -6.0)  # posterior variance e^-6 ~ 0.0025
+
+
+def test_mixture_finds_the_clusters_of_the_codes_and_samples_between_nothing():
+    mu, logvar = _two_clusters()
+    prior = LatentPrior(D, 2).fit(mu, logvar)
+    z = prior.sample(2000, seed=0)
+    side = z.mean(1) > 0
+    assert 0.45 < side.float().mean() < 0.55  # equal weights
+    assert (z.mean(1).abs() > 1.5).all()  # no code lands in the empty middle, where N(0, I) draws would
+    within = z[side].std(0).mean()  # spread: the cluster's own (0.1) with the posterior's (0.05) added
+    assert 0.09 < within < 0.14, within
+    assert (prior_codes(2000, D, 0).mean(1).abs() < 1.0).all()  # the standard prior's draws sit in the middle
+
+
+def test_sample_i_depends_only_on_seed_and_i():
+    prior = LatentPrior(D, 2).fit(*_two_clusters())
+    assert torch.equal(prior.sample(10, seed=3), prior.sample(50, seed=3)[:10])
+    assert not torch.equal(prior.sample(10, seed=3), prior.sample(10, seed=4))
+
+
+def test_an_unfitted_prior_or_too_few_codes_are_refused():
+    with pytest.raises(RuntimeError, match="not been fitted"):
+        LatentPrior(D, 2).sample(4, seed=0)
+    mu, logvar = _two_clusters(n=10)
+    with pytest.raises(ValueError, match="too few for 2 mixture components"):
+        LatentPrior(D, 2).fit(mu, logvar)
+
+
+def test_samplers_use_the_generators_prior_and_n01_without_one():
+    plain = Generator(spatial_dims=2, out_channels=2, image_size=16, channels=[4, 8], latent_dim=D)
+    assert torch.equal(draw_codes(plain, 8, D, seed=1), prior_codes(8, D, 1))
+    fitted = Generator(spatial_dims=2, out_channels=2, image_size=16, channels=[4, 8], latent_dim=D,
+                       prior_components=2)
+    fitted.prior.fit(*_two_clusters())
+    [(z, _)] = list(prior_batches(fitted, 8, latent_dim=D, seed=1))
+    assert torch.equal(z, fitted.prior.sample(8, seed=1))
+
+
+def test_gan_cannot_have_a_fitted_prior():
+    with pytest.raises(PipelineError, match="needs an encoder"):
+        load_config(overrides=["model.kind=gan", "model.latent_prior_components=2"])
+
+
+TINY = ["model.image_size=16", "model.channels=[4,8]", "model.latent_dim=4", "train.batch_size=4",
+        "train.log_every=1", "train.sample_every=3", "train.checkpoint_every=2", "train.num_samples=4",
+        "tracking.log_model=false", "tracking.system_metrics=false"]
+
+
+def test_training_refits_the_prior_into_the_shipped_generator_and_checkpoint(tmp_path):
+    cfg = load_config(overrides=TINY + ["train.steps=4", "model.latent_prior_components=2",
+                                        f"tracking.tracking_uri=sqlite:///{tmp_path / 'm.db'}"])
+    data = torch.rand(64, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    result = train_run(cfg, TensorBatches(data, batch_size=4, seed=0), data[:4], out_dir=tmp_path / "out",
+                       run_name="prior", progress=False)
+    ema_prior = result.trainer.ema_generator.prior
+    assert ema_prior.is_fitted
+    for name, value in result.trainer.model.generator.prior.state_dict().items():
+        assert torch.equal(value, ema_prior.state_dict()[name]), name
+    # the prior is the one fitted to the final weights' codes
+    with torch.no_grad():
+        model = result.trainer.model.eval()
+        mu, logvar = model.encoder(data)
+    expected = LatentPrior(4, 2).fit(mu, logvar, seed=0)
+    assert torch.allclose(expected.means, ema_prior.means, atol=1e-5)
+    state = load_checkpoint(result.checkpoint)
+    assert int(state["ema"]["module.prior.fitted"]) == 1
+    generator, _ = generator_from_checkpoint(result.checkpoint)  # strict load: the buffers are part of G
+    assert torch.equal(generator.prior.sample(5, seed=0), ema_prior.sample(5, seed=0))
+
+
+def test_ct_fit_sample_leaves_the_batches_unchanged(tmp_path):
+    phantom = pytest.importorskip("pancreas_gvae.data.ct.phantom")
+    from pancreas_gvae.data.ct.prepare import prepare_dataset
+    from pancreas_gvae.training.ct import batch_to_input
+    from pancreas_gvae.transforms.slice_dataset import CTSliceDataset
+
+    phantom.make_phantom_cohort(tmp_path / "tcia", cases=1, size=48, slices=16)
+    df = prepare_dataset(tmp_path / "tcia", tmp_path / "prepared", progress=False)
+
+    def batches():
+        ds = CTSliceDataset(tmp_path / "prepared", df, size=32, pos_fraction=0.5, fit="crop", seed=0)
+        return DatasetBatches(ds, batch_size=4, to_tensor=batch_to_input)
+
+    plain = batches()
+    expected = [plain.batch(s) for s in range(6)]
+    mixed = batches()
+    seen = [mixed.batch(0), mixed.batch(1)]
+    sample = mixed.fit_sample(8, seed=0)
+    seen += [mixed.batch(s) for s in range(2, 6)]
+    assert sample.shape == (8, 2, 32, 32)
+    for a, b in zip(expected, seen):
+        assert torch.equal(a, b)
