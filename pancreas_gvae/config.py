@@ -41,10 +41,16 @@ class ModelConfig:
     # FLOPs of those levels).
     generator_upsample: str = "transposed"
     # Where sampled codes come from: 0 = N(0, I); K >= 1 = a K-component Gaussian mixture fitted to the codes of
-    # training images at every checkpoint (ex-post density, pancreas_gvae/models/latent_prior.py). GVAE and VAE.
+    # training images at every checkpoint (ex-post density, pancreas_gvae/models/latent_prior.py). GVAE and VAE
+    # only: a GAN has no codes of training images, so it keeps N(0, I) (one --set serves all three in evaluate.py).
     latent_prior_components: int = 0
     discriminator_norm: str | None = None  # spectral norm is the default stabiliser for D
     spectral_norm: bool = True
+
+    @property
+    def prior_components(self) -> int:
+        """Mixture components of the generator's fitted latent prior: 0 (N(0, I)) for a GAN."""
+        return int(self.latent_prior_components) if self.kind in ("gvae", "vae") else 0
 
 
 @dataclass
@@ -138,9 +144,6 @@ class Config:
             raise PipelineError(
                 f"model.generator_upsample must be one of {', '.join(GENERATOR_UPSAMPLE)}, got {m.generator_upsample!r}"
             )
-        if m.latent_prior_components and m.kind == "gan":
-            raise PipelineError("model.latent_prior_components needs an encoder (gvae or vae): a GAN has no codes "
-                                "of training images to fit a prior to")
         if self.loss.adversarial not in ("nonsaturating", "hinge"):
             raise PipelineError(f"loss.adversarial must be nonsaturating or hinge, got {self.loss.adversarial!r}")
         from pancreas_gvae.training.diffaugment import parse_policy

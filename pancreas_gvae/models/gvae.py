@@ -26,7 +26,7 @@ class GenerativeModel(nn.Module):
         )
         self.generator = Generator(out_channels=cfg.in_channels, channels=cfg.channels, latent_dim=cfg.latent_dim,
                                    norm=cfg.generator_norm, upsample=cfg.generator_upsample,
-                                   prior_components=cfg.latent_prior_components, **common)
+                                   prior_components=cfg.prior_components, **common)
         self.discriminator = (
             Discriminator(in_channels=cfg.in_channels, channels=cfg.disc_channels or cfg.channels,
                           norm=cfg.discriminator_norm, spectral_norm=cfg.spectral_norm, **common)

@@ -48,8 +48,8 @@ GENERATOR_TARGET = f"{Generator.__module__}.{Generator.__qualname__}"
 
 def _prior_words(m) -> str:
     """Where the bundle's codes come from, for its metadata and README."""
-    if m.latent_prior_components:
-        return (f"drawn from the {m.latent_prior_components}-component Gaussian mixture fitted to the codes of the "
+    if m.prior_components:
+        return (f"drawn from the {m.prior_components}-component Gaussian mixture fitted to the codes of the "
                 "training images and stored in the network (network.prior; the bundle's sampler uses it)")
     return "standard normal N(0, I)"
 

@@ -29,7 +29,7 @@ def generator_kwargs(model: ModelConfig) -> dict[str, Any]:
         "num_res_units": int(model.num_res_units),
         "norm": model.generator_norm,
         "upsample": model.generator_upsample,
-        "prior_components": int(model.latent_prior_components),
+        "prior_components": model.prior_components,
     }
 
 

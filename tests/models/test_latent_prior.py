@@ -60,9 +60,14 @@ def test_samplers_use_the_generators_prior_and_n01_without_one():
     assert torch.equal(z, fitted.prior.sample(8, seed=1))
 
 
-def test_gan_cannot_have_a_fitted_prior():
-    with pytest.raises(PipelineError, match="needs an encoder"):
-        load_config(overrides=["model.kind=gan", "model.latent_prior_components=2"])
+def test_a_gan_keeps_n01_under_the_same_setting():
+    from pancreas_gvae.models import build_model
+
+    for kind, has_prior in (("gan", False), ("vae", True), ("gvae", True)):
+        cfg = load_config(overrides=[f"model.kind={kind}", "model.latent_prior_components=2"])
+        assert (build_model(cfg.model).generator.prior is not None) == has_prior, kind
+    with pytest.raises(PipelineError, match="latent_prior_components"):
+        load_config(overrides=["model.latent_prior_components=-1"])
 
 
 TINY = ["model.image_size=16", "model.channels=[4,8]", "model.latent_dim=4", "train.batch_size=4",
