@@ -20,7 +20,7 @@ terms still use N(0, I) during training; only sampling changes.
 Privacy: mixture means are averages of many codes only when each component holds many images; with few
 training images per component a mean can sit near one patient's code. The memorisation check of
 :mod:`pancreas_gvae.evaluation.metrics.memorisation` is what tells; keep ``components`` small against the
-number of training slices (the trainer refuses fewer than 16 images per component).
+number of training slices (fewer than 16 images per component fit fewer components).
 """
 
 from __future__ import annotations
@@ -62,23 +62,33 @@ class LatentPrior(nn.Module):
     @torch.no_grad()
     def fit(self, mu: torch.Tensor, logvar: torch.Tensor, *, seed: int = 0) -> "LatentPrior":
         """Fit the mixture to posterior means ``mu`` ``(N, d)`` with the mean of ``exp(logvar)`` as every
-        component's added variance; deterministic for a given ``seed``."""
+        component's added variance; deterministic for a given ``seed``. With fewer than
+        ``MIN_IMAGES_PER_COMPONENT`` codes per component, fewer components are fitted (the rest get weight 0):
+        e.g. a generator of a few labelled patients; :attr:`used_components` says how many."""
         from sklearn.mixture import GaussianMixture  # EM with k-means init: not worth re-writing
 
         mu = mu.detach().double().flatten(1).cpu()
         if mu.shape[1] != self.latent_dim:
             raise ValueError(f"codes have {mu.shape[1]} dimensions, the prior {self.latent_dim}")
-        if mu.shape[0] < MIN_IMAGES_PER_COMPONENT * self.components:
-            raise ValueError(f"{mu.shape[0]} codes are too few for {self.components} mixture components "
-                             f"(>= {MIN_IMAGES_PER_COMPONENT} per component): lower model.latent_prior_components")
+        k = min(self.components, mu.shape[0] // MIN_IMAGES_PER_COMPONENT)
+        if k < 1:
+            raise ValueError(f"{mu.shape[0]} codes are too few to fit a latent prior (>= {MIN_IMAGES_PER_COMPONENT} "
+                             "needed): train on more images or set model.latent_prior_components 0")
         spread = float(logvar.detach().double().exp().mean())
-        gmm = GaussianMixture(self.components, covariance_type="full", reg_covar=max(spread, 1e-6),
+        gmm = GaussianMixture(k, covariance_type="full", reg_covar=max(spread, 1e-6),
                               random_state=int(seed), n_init=1, max_iter=200).fit(mu.numpy())
-        self.log_weights.copy_(torch.as_tensor(gmm.weights_).log())
-        self.means.copy_(torch.as_tensor(gmm.means_))
-        self.scale_tril.copy_(torch.linalg.cholesky(torch.as_tensor(gmm.covariances_)))
+        self.log_weights.fill_(-float("inf"))
+        self.log_weights[:k] = torch.as_tensor(gmm.weights_).log()
+        self.means.zero_()
+        self.means[:k] = torch.as_tensor(gmm.means_)
+        self.scale_tril.copy_(torch.eye(self.latent_dim).expand_as(self.scale_tril))
+        self.scale_tril[:k] = torch.linalg.cholesky(torch.as_tensor(gmm.covariances_))
         self.fitted.fill_(1)
         return self
+
+    @property
+    def used_components(self) -> int:
+        return int(torch.isfinite(self.log_weights).sum())
 
     @torch.no_grad()
     def sample(self, n: int, seed: int) -> torch.Tensor:
@@ -90,7 +100,7 @@ class LatentPrior(nn.Module):
         eps = prior_codes(n, self.latent_dim, seed)
         uniform = torch.rand(int(n), generator=torch.Generator().manual_seed(int(seed) + _COMPONENT_SEED))
         cdf = self.log_weights.cpu().double().softmax(0).cumsum(0)
-        comp = torch.searchsorted(cdf, uniform.double()).clamp_(max=self.components - 1)
+        comp = torch.searchsorted(cdf, uniform.double()).clamp_(max=self.used_components - 1)  # fp round-off
         tril = self.scale_tril.cpu().float()[comp]
         return self.means.cpu().float()[comp] + (tril @ eps.unsqueeze(-1)).squeeze(-1)
 

@@ -86,7 +86,9 @@ class DatasetBatches:
 
     def fit_sample(self, n: int, seed: int) -> torch.Tensor:
         """Up to ``n`` items of the dataset's slices (every rank the same), read with the one slice loader; the
-        dataset's epoch order is restored, so the batches are unchanged."""
+        dataset's epoch order is restored, so the batches are unchanged. In a cohort with image-only cases only
+        the labelled slices are returned (when there are at least 16): samples are image+mask pairs, so the
+        prior is fitted to the codes of slices whose mask is known."""
         from pancreas_gvae.transforms.slice_dataset import read_slices  # CT only: MNIST never imports the CT layer
 
         order = self.dataset.order
@@ -95,7 +97,11 @@ class DatasetBatches:
         finally:
             self.dataset.order = order
         x = self.to_tensor(items)
-        return x[0] if isinstance(x, tuple) else x
+        if isinstance(x, tuple):
+            x, has_label = x
+            if int((has_label > 0).sum()) >= 16:
+                x = x[has_label > 0]
+        return x
 
     def batch(self, step: int) -> torch.Tensor:
         if step != self._next_step or step % self.steps_per_epoch == 0:

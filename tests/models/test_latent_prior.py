@@ -45,9 +45,17 @@ def test_sample_i_depends_only_on_seed_and_i():
 def test_an_unfitted_prior_or_too_few_codes_are_refused():
     with pytest.raises(RuntimeError, match="not been fitted"):
         LatentPrior(D, 2).sample(4, seed=0)
-    mu, logvar = _two_clusters(n=10)
-    with pytest.raises(ValueError, match="too few for 2 mixture components"):
+    mu, logvar = _two_clusters(n=7)
+    with pytest.raises(ValueError, match="14 codes are too few"):
         LatentPrior(D, 2).fit(mu, logvar)
+
+
+def test_few_codes_fit_fewer_components_and_never_sample_the_empty_ones():
+    mu, logvar = _two_clusters(n=12)  # 24 codes: one component of 16 or more
+    prior = LatentPrior(D, 4).fit(mu, logvar)
+    assert prior.used_components == 1
+    z = prior.sample(500, seed=0)
+    assert torch.isfinite(z).all() and (z.mean(0).abs() < 0.5).all()  # the single Gaussian over both clusters
 
 
 def test_samplers_use_the_generators_prior_and_n01_without_one():
@@ -100,10 +108,10 @@ def test_training_refits_the_prior_into_the_shipped_generator_and_checkpoint(tmp
 def test_ct_fit_sample_leaves_the_batches_unchanged(tmp_path):
     phantom = pytest.importorskip("pancreas_gvae.data.ct.phantom")
     from pancreas_gvae.data.ct.prepare import prepare_dataset
-    from pancreas_gvae.training.ct import batch_to_input
+    from pancreas_gvae.training.ct import batch_to_input, batch_with_label_flags
     from pancreas_gvae.transforms.slice_dataset import CTSliceDataset
 
-    phantom.make_phantom_cohort(tmp_path / "tcia", cases=1, size=48, slices=16)
+    phantom.make_phantom_cohort(tmp_path / "tcia", cases=2, size=48, slices=16)
     df = prepare_dataset(tmp_path / "tcia", tmp_path / "prepared", progress=False)
 
     def batches():
@@ -119,3 +127,8 @@ def test_ct_fit_sample_leaves_the_batches_unchanged(tmp_path):
     assert sample.shape == (8, 2, 32, 32)
     for a, b in zip(expected, seen):
         assert torch.equal(a, b)
+    # semi-supervised: the prior is fitted to the slices whose mask is known
+    semi = CTSliceDataset(tmp_path / "prepared", df, size=32, pos_fraction=0.5, fit="crop", seed=0,
+                          withhold_labels=[df["case_id"].iloc[1]])
+    labelled = DatasetBatches(semi, batch_size=4, to_tensor=batch_with_label_flags).fit_sample(1000, seed=0)
+    assert labelled.shape[0] == 16 and len(semi.slices) == 32
