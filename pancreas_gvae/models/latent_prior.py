@@ -63,17 +63,17 @@ class LatentPrior(nn.Module):
     def fit(self, mu: torch.Tensor, logvar: torch.Tensor, *, seed: int = 0) -> "LatentPrior":
         """Fit the mixture to posterior means ``mu`` ``(N, d)`` with the mean of ``exp(logvar)`` as every
         component's added variance; deterministic for a given ``seed``. With fewer than
-        ``MIN_IMAGES_PER_COMPONENT`` codes per component, fewer components are fitted (the rest get weight 0):
-        e.g. a generator of a few labelled patients; :attr:`used_components` says how many."""
+        ``MIN_IMAGES_PER_COMPONENT`` codes per component, fewer components are fitted (the rest get weight 0; at
+        least one): e.g. a generator of a few labelled patients; :attr:`used_components` says how many."""
         from sklearn.mixture import GaussianMixture  # EM with k-means init: not worth re-writing
 
         mu = mu.detach().double().flatten(1).cpu()
         if mu.shape[1] != self.latent_dim:
             raise ValueError(f"codes have {mu.shape[1]} dimensions, the prior {self.latent_dim}")
-        k = min(self.components, mu.shape[0] // MIN_IMAGES_PER_COMPONENT)
-        if k < 1:
-            raise ValueError(f"{mu.shape[0]} codes are too few to fit a latent prior (>= {MIN_IMAGES_PER_COMPONENT} "
-                             "needed): train on more images or set model.latent_prior_components 0")
+        if mu.shape[0] < 2:
+            raise ValueError(f"{mu.shape[0]} code(s) are too few to fit a latent prior: train on more images or "
+                             "set model.latent_prior_components 0")
+        k = max(1, min(self.components, mu.shape[0] // MIN_IMAGES_PER_COMPONENT))
         spread = float(logvar.detach().double().exp().mean())
         gmm = GaussianMixture(k, covariance_type="full", reg_covar=max(spread, 1e-6),
                               random_state=int(seed), n_init=1, max_iter=200).fit(mu.numpy())

@@ -16,7 +16,6 @@ import torch
 from pancreas_gvae.config import Config, flatten
 from pancreas_gvae.errors import PipelineError, TrainingDiverged
 from pancreas_gvae.models import build_model
-from pancreas_gvae.models.latent_prior import MIN_IMAGES_PER_COMPONENT
 from pancreas_gvae.tracking import MlflowTracker, NullTracker
 from pancreas_gvae.training import distributed
 from pancreas_gvae.training.checkpoint import load_checkpoint, remove_orphan_temporaries
@@ -107,9 +106,9 @@ def train_run(cfg: Config, batches: BatchSource, preview_images: torch.Tensor, *
     refit_prior = None
     if trainer.model.generator.prior is not None:  # model.latent_prior_components > 0
         prior_images = batches.fit_sample(PRIOR_FIT_IMAGES, cfg.train.seed)
-        if len(prior_images) < MIN_IMAGES_PER_COMPONENT:  # refuse now, not at the first checkpoint
-            raise PipelineError(f"{len(prior_images)} training images are too few to fit a latent prior (>= "
-                                f"{MIN_IMAGES_PER_COMPONENT}): set model.latent_prior_components=0")
+        if len(prior_images) < 2:  # refuse now, not at the first checkpoint
+            raise PipelineError(f"{len(prior_images)} training image(s) are too few to fit a latent prior: set "
+                                "model.latent_prior_components=0")
         refit_prior = lambda: trainer.fit_latent_prior(prior_images)  # noqa: E731
         distributed.print0(f"latent prior: {cfg.model.latent_prior_components}-component Gaussian mixture, "
                            f"refitted at each checkpoint to the codes of {len(prior_images)} training images")

@@ -45,9 +45,8 @@ def test_sample_i_depends_only_on_seed_and_i():
 def test_an_unfitted_prior_or_too_few_codes_are_refused():
     with pytest.raises(RuntimeError, match="not been fitted"):
         LatentPrior(D, 2).sample(4, seed=0)
-    mu, logvar = _two_clusters(n=7)
-    with pytest.raises(ValueError, match="14 codes are too few"):
-        LatentPrior(D, 2).fit(mu, logvar)
+    with pytest.raises(ValueError, match="1 code"):
+        LatentPrior(D, 2).fit(torch.zeros(1, D), torch.zeros(1, D))
 
 
 def test_few_codes_fit_fewer_components_and_never_sample_the_empty_ones():
@@ -56,6 +55,7 @@ def test_few_codes_fit_fewer_components_and_never_sample_the_empty_ones():
     assert prior.used_components == 1
     z = prior.sample(500, seed=0)
     assert torch.isfinite(z).all() and (z.mean(0).abs() < 0.5).all()  # the single Gaussian over both clusters
+    assert LatentPrior(D, 4).fit(*_two_clusters(n=3)).used_components == 1  # 6 codes: still one Gaussian
 
 
 def test_samplers_use_the_generators_prior_and_n01_without_one():
