@@ -28,6 +28,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pancreas_gvae.errors import PipelineError
+
 __all__ = ["LatentPrior", "draw_codes", "prior_codes"]
 
 MIN_IMAGES_PER_COMPONENT = 16
@@ -95,8 +97,8 @@ class LatentPrior(nn.Module):
         """``n`` codes on the CPU: component ``c_i`` from the weights, ``z_i = m_c + L_c eps_i`` with ``eps`` =
         :func:`prior_codes` ``(n, d, seed)``; code ``i`` depends only on ``(seed, i)``."""
         if not self.is_fitted:
-            raise RuntimeError("the latent prior has not been fitted (a checkpoint written before the training "
-                               "loop's first refit?): sample from a finished run's checkpoint")
+            raise PipelineError("the generator's latent prior has not been fitted (model.latent_prior_components > 0 "
+                                "but no training refit it): sample from a training run's checkpoint")
         eps = prior_codes(n, self.latent_dim, seed)
         uniform = torch.rand(int(n), generator=torch.Generator().manual_seed(int(seed) + _COMPONENT_SEED))
         cdf = self.log_weights.cpu().double().softmax(0).cumsum(0)

@@ -43,7 +43,7 @@ def test_sample_i_depends_only_on_seed_and_i():
 
 
 def test_an_unfitted_prior_or_too_few_codes_are_refused():
-    with pytest.raises(RuntimeError, match="not been fitted"):
+    with pytest.raises(PipelineError, match="not been fitted"):  # one line from the CLIs, no traceback
         LatentPrior(D, 2).sample(4, seed=0)
     with pytest.raises(ValueError, match="1 code"):
         LatentPrior(D, 2).fit(torch.zeros(1, D), torch.zeros(1, D))
