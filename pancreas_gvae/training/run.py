@@ -94,6 +94,16 @@ def train_run(cfg: Config, batches: BatchSource, preview_images: torch.Tensor, *
         for key, was, now in changes:
             distributed.print0(f"  {key}: {was!r} -> {now!r}")
 
+    refit_prior = None
+    if trainer.model.generator.prior is not None:  # model.latent_prior_components > 0
+        prior_images = batches.fit_sample(PRIOR_FIT_IMAGES, cfg.train.seed)
+        if len(prior_images) < 2:  # refuse before any MLflow run or training
+            raise PipelineError(f"{len(prior_images)} training image(s) are too few to fit a latent prior: set "
+                                "model.latent_prior_components=0")
+        refit_prior = lambda: trainer.fit_latent_prior(prior_images)  # noqa: E731
+        distributed.print0(f"latent prior: {cfg.model.latent_prior_components}-component Gaussian mixture, "
+                           f"refitted at each checkpoint to the codes of {len(prior_images)} training images")
+
     main = distributed.is_main_process()
     tc = cfg.tracking
     tracker = (MlflowTracker(tracking_uri=tc.tracking_uri, experiment=tc.experiment, run_name=run_name,
@@ -103,15 +113,6 @@ def train_run(cfg: Config, batches: BatchSource, preview_images: torch.Tensor, *
     if main:
         tracker.log_config(cfg.to_dict())
     preview = Preview(trainer, preview_images, num_samples=cfg.train.num_samples, seed=cfg.train.seed)
-    refit_prior = None
-    if trainer.model.generator.prior is not None:  # model.latent_prior_components > 0
-        prior_images = batches.fit_sample(PRIOR_FIT_IMAGES, cfg.train.seed)
-        if len(prior_images) < 2:  # refuse now, not at the first checkpoint
-            raise PipelineError(f"{len(prior_images)} training image(s) are too few to fit a latent prior: set "
-                                "model.latent_prior_components=0")
-        refit_prior = lambda: trainer.fit_latent_prior(prior_images)  # noqa: E731
-        distributed.print0(f"latent prior: {cfg.model.latent_prior_components}-component Gaussian mixture, "
-                           f"refitted at each checkpoint to the codes of {len(prior_images)} training images")
     start = time.perf_counter()
     try:
         logs = fit(trainer, batches, steps=cfg.train.steps, checkpoint_path=ckpt, tracker=tracker, preview=preview,
