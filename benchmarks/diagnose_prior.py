@@ -57,13 +57,13 @@ def main(argv: list[str] | None = None) -> int:
     x = torch.cat([batch["image"], batch["label"]], dim=1)
     with torch.no_grad():
         gap = aggregate_posterior(x, model.encode)
-        recon = model.reconstruct(x)
+        mu, logvar = model.encode(x)  # once: the reconstructions and a mixture fitted here both use these codes
+        recon = model.decode(mu)
         l1 = (recon[:, 0] - x[:, 0]).abs().mean()
         eig = torch.linalg.eigvalsh(gap.covariance)
         z = prior_codes(args.n, model.latent_dim, args.seed)
         mixture = model.generator.prior
         if mixture is None:
-            mu, logvar = model.encode(x)
             mixture = LatentPrior(model.latent_dim, args.components).fit(mu, logvar, seed=args.seed)
             name = f"mixture prior, K={args.components} (fitted here)"
         else:
