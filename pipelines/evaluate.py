@@ -5,6 +5,7 @@
     python pipelines/evaluate.py --dataset ct --models gvae,vae,gan --seeds 0 --steps 200 --out outputs/eval/ct
     python pipelines/evaluate.py --dataset ct --data-root ../shared/data/ct --layout folder --pancreas-label 7 ...
     python pipelines/evaluate.py --dataset ct --data-root /data/cohort-a --test-data-root /data/hospital-b ...
+    python pipelines/evaluate.py ... --priors 0,1,8,8:diag     # also each GVAE/VAE checkpoint under other priors
 
 Every model is trained by ``train_run`` (same steps, batch size and config; one MLflow run each),
 nested under one parent MLflow run ("evaluation") that holds the results table. Writes
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import shutil
 import time
 from pathlib import Path
@@ -27,7 +29,8 @@ from pancreas_gvae.data.ct.discovery import LAYOUTS
 from pancreas_gvae.errors import PipelineError, run_cli
 from pancreas_gvae.evaluation.compare import evaluate_model, render_markdown, results_frame
 from pancreas_gvae.evaluation.heldout import ct_eval_data, mnist_eval_data
-from pancreas_gvae.training.run import checkpoint_path, train_run
+from pancreas_gvae.models.latent_prior import encode_codes, prior_label, with_prior
+from pancreas_gvae.training.run import PRIOR_FIT_IMAGES, checkpoint_path, train_run
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENT = "pancreas-gvae-evaluation"
@@ -69,6 +72,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--iwae-k", type=int, default=100, help="importance samples of the IWAE bound")
     p.add_argument("--feature-steps", type=int, default=300, help="training steps of the feature network")
     p.add_argument("--log-model", action="store_true", help="also log each generator as an MLflow model")
+    p.add_argument("--priors", default="", help="GVAE/VAE: also score every checkpoint's EMA generator, same "
+                   "weights, with codes from other latent priors, comma-separated: K (0: N(0, I); K >= 1: a "
+                   "K-component Gaussian mixture fitted to the codes of training images) or K:COV (COV one of "
+                   "full, tied, diag, spherical); extra rows '<model>@<prior>' (encoder columns blank there: "
+                   "they do not depend on the prior)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     return p.parse_args(argv)
 
@@ -83,6 +91,19 @@ def _models(text: str) -> list[str]:
     if bad or not models:
         raise PipelineError(f"--models: unknown {bad or '(empty)'}; choose from {', '.join(MODEL_KINDS)}")
     return models
+
+
+def _priors(text: str) -> list[tuple[int, str]]:
+    """``--priors`` as (components, covariance) pairs."""
+    from pancreas_gvae.models.latent_prior import COVARIANCES
+
+    out = []
+    for spec in (s.strip() for s in text.split(",") if s.strip()):
+        k, _, cov = spec.partition(":")
+        if not k.isdigit() or (cov or "full") not in COVARIANCES:
+            raise PipelineError(f"--priors: {spec!r} is not K or K:COV (K >= 0, COV one of {', '.join(COVARIANCES)})")
+        out.append((int(k), cov or "full"))
+    return out
 
 
 def _overrides(args: argparse.Namespace, model: str, seed: int) -> list[str]:
@@ -116,6 +137,11 @@ def _checkpoint_step(run_dir: Path) -> int:
     return int(load_checkpoint(path)["step"]) if path.is_file() else 0
 
 
+def _slug(label: str) -> str:
+    """A row label as a file name and an MLflow key part: ``gvae@N(0,I)`` -> ``gvae-N0I``."""
+    return re.sub(r"[^\w.-]+", "", label.replace("@", "-"))
+
+
 GRID_N = 16  # prior samples (and held-out slices) per model in the comparison grids
 
 
@@ -138,7 +164,7 @@ def _compare_grids(data, models: list[str], seed: int, budget: int, out: Path) -
 
     panels = {"real (held-out)": image_grid(data.test[:GRID_N], nrow=4, mask_channels=data.mask_channels)}
     for model in models:
-        path = out / "grids" / f"{model}-s{seed}-{budget}.png"
+        path = out / "grids" / f"{_slug(model)}-s{seed}-{budget}.png"
         if path.is_file():
             panels[f"{model.upper()} ({budget} steps)"] = np.asarray(Image.open(path).convert("RGB"))
     if len(panels) == 1:
@@ -165,11 +191,11 @@ def _plot_learning_curves(frame, out: Path) -> list[Path]:
     return paths
 
 
-def _log_child(client, run_id: str, row: dict) -> None:
+def _log_child(client, run_id: str, row: dict, prefix: str = "eval") -> None:
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    metrics = [Metric(f"eval/{k}", float(v), now, int(row["steps"])) for k, v in row.items()
+    metrics = [Metric(f"{prefix}/{k}", float(v), now, int(row["steps"])) for k, v in row.items()
                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
                and k not in ("seed", "steps", "batch_size")]
     client.log_batch(run_id, metrics=metrics)
@@ -179,6 +205,7 @@ def _log_child(client, run_id: str, row: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     models, seeds, budgets = _models(args.models), _ints(args.seeds), sorted(set(_ints(args.steps)))
+    priors = _priors(args.priors)
     if not seeds:
         raise PipelineError("--seeds: give at least one seed")
     if not budgets or budgets[0] < 1:
@@ -205,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     params = {"dataset": data.dataset, "models": ",".join(models), "seeds": ",".join(map(str, seeds)),
               "steps": ",".join(map(str, budgets)), "batch_size": base_cfg.train.batch_size, "config": str(config),
               "n_eval": len(data.test), "n_val": len(data.val), "n_samples": data.sample_count,
-              "iwae_k": args.iwae_k,
+              "iwae_k": args.iwae_k, "priors": args.priors or "(the config's)",
               "feature_net": data.feature_net, "likelihood": data.likelihood, **data.notes}
     for k, v in params.items():
         client.log_param(parent_id, k, str(v)[:500])
@@ -216,7 +243,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"resuming: {len(rows)} finished row(s) in {args.out / 'results.csv'} are kept, not recomputed")
     try:
         for model, seed, budget in ((m, s, b) for m in models for s in seeds for b in budgets):
-            if any(r["model"] == model and int(r["seed"]) == seed and int(r["steps"]) == budget for r in rows):
+            labels = {model: None, **({f"{model}@{prior_label(k, c)}": (k, c) for k, c in priors}
+                                      if model != "gan" else {})}  # a GAN has no codes of training images
+            todo = [label for label in labels if not any(
+                r["model"] == label and int(r["seed"]) == seed and int(r["steps"]) == budget for r in rows)]
+            if not todo:
                 continue
             args.steps = budget
             cfg = load_config(config, _overrides(args, model, seed))
@@ -228,40 +259,50 @@ def main(argv: list[str] | None = None) -> int:
                                     f"row is missing: give budgets >= {done}, or a new --out")
             print(f"== training {name}: {cfg.train.steps} steps ({done} already), batch "
                   f"{cfg.train.batch_size}", flush=True)
-            res = train_run(cfg, make_batches(cfg), preview[: cfg.train.num_samples], out_dir=run_dir,
+            batches = make_batches(cfg)
+            res = train_run(cfg, batches, preview[: cfg.train.num_samples], out_dir=run_dir,
                             resume=checkpoint_path(run_dir).is_file(),  # a killed training continues
                             run_name=name, tags={"dataset": data.dataset, "model": model, "seed": str(seed),
                                                  "mlflow.parentRunId": parent_id}, progress=False)
             if (run_dir / "samples.png").is_file():  # the grid of this budget (the next budget overwrites it)
                 shutil.copyfile(run_dir / "samples.png", run_dir / f"samples-{budget}.png")
-            _save_sample_grid(res.trainer.ema_generator, cfg.model.latent_dim, data.mask_channels, seed,
-                              args.out / "grids" / f"{model}-s{seed}-{budget}.png")
-            t0 = time.perf_counter()
-            metrics = evaluate_model(res.trainer.model, res.trainer.ema_generator, data,
-                                     latent_dim=cfg.model.latent_dim, seed=seed, iwae_k=args.iwae_k,
-                                     device=res.trainer.device)
-            row = {"dataset": data.dataset, "model": model, "seed": seed, **metrics,
-                   "steps": cfg.train.steps, "batch_size": cfg.train.batch_size, "n_eval": len(data.test),
-                   "n_samples": data.sample_count,
-                   "iwae_k": args.iwae_k if model != "gan" else math.nan,
-                   "likelihood": (f"{data.likelihood} (binarised)" if data.likelihood == "bernoulli"
-                                  else f"gaussian sigma={data.sigma}"),
-                   "recon_units": "HU" if data.window else "[0,1] pixel", "feature_net": data.feature_net,
-                   "run_id": res.run_id, "train_seconds": round(res.seconds, 1),
-                   "train_seconds_cum": round(res.seconds + sum(
-                       float(r["train_seconds"]) for r in rows
-                       if r["model"] == model and int(r["seed"]) == seed and int(r["steps"]) < budget), 1),
-                   "eval_seconds": round(time.perf_counter() - t0, 1)}
-            mlflow.set_tracking_uri(uri)
-            _log_child(MlflowClient(tracking_uri=res.tracking_uri or uri), res.run_id, row)
-            rows.append(row)
-            print(f"   trained {res.seconds:.0f} s, evaluated {row['eval_seconds']:.0f} s: "
-                  + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if math.isfinite(v)), flush=True)
-            frame = results_frame(rows)
-            frame.to_csv(args.out / "results.csv", index=False)  # partial table survives an interruption
+            codes = None
+            for label in todo:
+                generator, prior = res.trainer.ema_generator, labels[label]
+                if prior is not None:  # same weights, codes from another prior
+                    if codes is None:
+                        codes = encode_codes(res.trainer.model.encoder, batches.fit_sample(PRIOR_FIT_IMAGES, seed),
+                                             device=res.trainer.device)
+                    generator = with_prior(generator, codes, prior[0], covariance=prior[1], seed=seed)
+                _save_sample_grid(generator, cfg.model.latent_dim, data.mask_channels, seed,
+                                  args.out / "grids" / f"{_slug(label)}-s{seed}-{budget}.png")
+                t0 = time.perf_counter()
+                metrics = evaluate_model(res.trainer.model if prior is None else None, generator, data,
+                                         latent_dim=cfg.model.latent_dim, seed=seed, iwae_k=args.iwae_k,
+                                         device=res.trainer.device)
+                row = {"dataset": data.dataset, "model": label, "seed": seed, **metrics,
+                       "steps": cfg.train.steps, "batch_size": cfg.train.batch_size, "n_eval": len(data.test),
+                       "n_samples": data.sample_count,
+                       "iwae_k": args.iwae_k if model != "gan" else math.nan,
+                       "likelihood": (f"{data.likelihood} (binarised)" if data.likelihood == "bernoulli"
+                                      else f"gaussian sigma={data.sigma}"),
+                       "recon_units": "HU" if data.window else "[0,1] pixel", "feature_net": data.feature_net,
+                       "run_id": res.run_id, "train_seconds": round(res.seconds, 1),
+                       "train_seconds_cum": round(res.seconds + sum(
+                           float(r["train_seconds"]) for r in rows
+                           if r["model"] == label and int(r["seed"]) == seed and int(r["steps"]) < budget), 1),
+                       "eval_seconds": round(time.perf_counter() - t0, 1)}
+                mlflow.set_tracking_uri(uri)
+                _log_child(MlflowClient(tracking_uri=res.tracking_uri or uri), res.run_id, row,
+                           prefix="eval" if prior is None else "eval-" + _slug(prior_label(*prior)))
+                rows.append(row)
+                print(f"   {label}: trained {res.seconds:.0f} s, evaluated {row['eval_seconds']:.0f} s: "
+                      + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if math.isfinite(v)), flush=True)
+                frame = results_frame(rows)
+                frame.to_csv(args.out / "results.csv", index=False)  # partial table survives an interruption
         frame = results_frame(rows)
         for budget in budgets:
-            grid = _compare_grids(data, models, seeds[0], budget, args.out)
+            grid = _compare_grids(data, list(dict.fromkeys(r["model"] for r in rows)), seeds[0], budget, args.out)
             if grid is not None:
                 client.log_artifact(parent_id, str(grid))
         if len(budgets) > 1:

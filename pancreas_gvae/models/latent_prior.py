@@ -25,12 +25,17 @@ number of training slices (fewer than 16 images per component fit fewer componen
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
 from pancreas_gvae.errors import PipelineError
 
-__all__ = ["LatentPrior", "draw_codes", "prior_codes"]
+__all__ = ["COVARIANCES", "LatentPrior", "draw_codes", "encode_codes", "prior_codes", "prior_label", "with_prior"]
+
+# scikit-learn's covariance types: one full matrix per component, one shared, a diagonal, or one variance each.
+COVARIANCES = ("full", "tied", "diag", "spherical")
 
 MIN_IMAGES_PER_COMPONENT = 16
 _COMPONENT_SEED = 104_729  # the component draw gets its own stream, so code i's noise is prior_codes' code i
@@ -62,9 +67,11 @@ class LatentPrior(nn.Module):
         return bool(self.fitted)
 
     @torch.no_grad()
-    def fit(self, mu: torch.Tensor, logvar: torch.Tensor, *, seed: int = 0) -> "LatentPrior":
+    def fit(self, mu: torch.Tensor, logvar: torch.Tensor, *, seed: int = 0, covariance: str = "full") -> "LatentPrior":
         """Fit the mixture to posterior means ``mu`` ``(N, d)`` with the mean of ``exp(logvar)`` as every
-        component's added variance; deterministic for a given ``seed``. With fewer than
+        component's added variance; deterministic for a given ``seed``. ``covariance`` is one of
+        :data:`COVARIANCES` (scikit-learn's ``covariance_type``: a full ``d x d`` matrix per component needs many
+        codes per component; ``tied``/``diag``/``spherical`` estimate fewer numbers). With fewer than
         ``MIN_IMAGES_PER_COMPONENT`` codes per component, fewer components are fitted (the rest get weight 0; at
         least one): e.g. a generator of a few labelled patients; :attr:`used_components` says how many."""
         from sklearn.mixture import GaussianMixture  # EM with k-means init: not worth re-writing
@@ -75,16 +82,18 @@ class LatentPrior(nn.Module):
         if mu.shape[0] < 2:
             raise ValueError(f"{mu.shape[0]} code(s) are too few to fit a latent prior: train on more images or "
                              "set model.latent_prior_components 0")
+        if covariance not in COVARIANCES:
+            raise ValueError(f"covariance {covariance!r}: choose one of {', '.join(COVARIANCES)}")
         k = max(1, min(self.components, mu.shape[0] // MIN_IMAGES_PER_COMPONENT))
         spread = float(logvar.detach().double().exp().mean())
-        gmm = GaussianMixture(k, covariance_type="full", reg_covar=max(spread, 1e-6),
+        gmm = GaussianMixture(k, covariance_type=covariance, reg_covar=max(spread, 1e-6),
                               random_state=int(seed), n_init=1, max_iter=200).fit(mu.numpy())
         self.log_weights.fill_(-float("inf"))
         self.log_weights[:k] = torch.as_tensor(gmm.weights_).log()
         self.means.zero_()
         self.means[:k] = torch.as_tensor(gmm.means_)
         self.scale_tril.copy_(torch.eye(self.latent_dim).expand_as(self.scale_tril))
-        self.scale_tril[:k] = torch.linalg.cholesky(torch.as_tensor(gmm.covariances_))
+        self.scale_tril[:k] = torch.linalg.cholesky(_full_covariances(gmm, k, self.latent_dim))
         self.fitted.fill_(1)
         return self
 
@@ -105,6 +114,46 @@ class LatentPrior(nn.Module):
         comp = torch.searchsorted(cdf, uniform.double()).clamp_(max=self.used_components - 1)  # fp round-off
         tril = self.scale_tril.cpu().float()[comp]
         return self.means.cpu().float()[comp] + (tril @ eps.unsqueeze(-1)).squeeze(-1)
+
+
+def _full_covariances(gmm, k: int, d: int) -> torch.Tensor:
+    """A fitted ``GaussianMixture``'s ``covariances_`` as ``(k, d, d)`` matrices, whatever its covariance type."""
+    c = torch.as_tensor(gmm.covariances_)
+    return {"full": lambda: c, "tied": lambda: c.expand(k, d, d), "diag": lambda: torch.diag_embed(c),
+            "spherical": lambda: c[:, None, None] * torch.eye(d, dtype=c.dtype)}[gmm.covariance_type]()
+
+
+@torch.no_grad()
+def encode_codes(encoder: nn.Module, images: torch.Tensor, *, device: torch.device | str = "cpu",
+                 batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """The encoder's posterior ``(mu, logvar)`` of ``images``, in eval mode, batch by batch, as fp32 on the CPU."""
+    was_training = encoder.training
+    encoder.eval()
+    codes = [encoder(images[i:i + batch_size].to(device)) for i in range(0, images.shape[0], batch_size)]
+    encoder.train(was_training)
+    return torch.cat([c[0].float().cpu() for c in codes]), torch.cat([c[1].float().cpu() for c in codes])
+
+
+def prior_label(components: int, covariance: str = "full") -> str:
+    """How tables name a prior: ``N(0,I)``, ``gmm8`` (full covariances) or e.g. ``gmm8-diag``."""
+    if components == 0:
+        return "N(0,I)"
+    return f"gmm{components}" + ("" if covariance == "full" else f"-{covariance}")
+
+
+def with_prior(generator: nn.Module, codes: tuple[torch.Tensor, torch.Tensor], components: int, *,
+               covariance: str = "full", seed: int = 0) -> nn.Module:
+    """A copy of ``generator`` (same weights) that samples its codes from another prior: N(0, I) for
+    ``components`` 0, else a mixture fitted to ``codes`` (``encode_codes`` of training images). For scoring
+    several priors on one checkpoint (``evaluate.py --priors``); the original is untouched."""
+    twin = copy.deepcopy(generator)
+    if components == 0:
+        twin.prior = None
+    else:
+        device = next(generator.parameters()).device
+        twin.prior = LatentPrior(codes[0].shape[1], components).fit(*codes, seed=seed,
+                                                                    covariance=covariance).to(device)
+    return twin
 
 
 def draw_codes(generator: nn.Module, n: int, latent_dim: int, seed: int) -> torch.Tensor:

@@ -21,6 +21,7 @@ from pancreas_gvae.config import Config
 from pancreas_gvae.training.diffaugment import parse_policy
 from pancreas_gvae.errors import TrainingDiverged
 from pancreas_gvae.models.gvae import GenerativeModel
+from pancreas_gvae.models.latent_prior import encode_codes
 from pancreas_gvae.training import distributed
 from pancreas_gvae.training.steps import STEPS
 
@@ -228,13 +229,8 @@ class Trainer:
         prior = self.model.generator.prior
         if prior is None:
             return
-        encoder = self.model.encoder
-        was_training = encoder.training
-        encoder.eval()
-        codes = [encoder(images[i:i + batch_size].to(self.device)) for i in range(0, images.shape[0], batch_size)]
-        encoder.train(was_training)
-        prior.fit(torch.cat([c[0].float() for c in codes]), torch.cat([c[1].float() for c in codes]),
-                  seed=self.cfg.train.seed)
+        mu, logvar = encode_codes(self.model.encoder, images, device=self.device, batch_size=batch_size)
+        prior.fit(mu, logvar, seed=self.cfg.train.seed)
         self.ema.module.prior.load_state_dict(prior.state_dict())
 
     def state_dict(self) -> dict:

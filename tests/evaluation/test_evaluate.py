@@ -92,6 +92,37 @@ def test_several_budgets_give_a_learning_curve_from_one_training(tmp_path, mnist
 
 
 @pytest.mark.slow
+def test_priors_score_one_checkpoint_under_several_latent_priors(tmp_path, mnist_dir):
+    """--priors: each GVAE checkpoint is scored again, same weights, with codes from N(0, I) and a fitted mixture;
+    the GAN is not swept; encoder columns stay blank on the extra rows; a re-run with one more prior trains
+    nothing and scores only that prior; a malformed prior is one line, exit 2."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = tmp_path / "eval"
+    argv = ["--dataset", "mnist", "--data-dir", str(mnist_dir), "--models", "gvae,gan", "--seeds", "0",
+            "--out", str(out), "--tracking-uri", uri, "--n-samples", "40", *TINY, "--priors", "0,2:diag"]
+    assert evaluate.main(argv) == 0
+    frame = pd.read_csv(out / "results.csv")
+    assert list(frame["model"]) == ["gvae", "gvae@N(0,I)", "gvae@gmm2-diag", "gan"]
+    gvae = frame.set_index("model")
+    assert gvae.loc["gvae", "fid_feature"] == pytest.approx(gvae.loc["gvae@N(0,I)", "fid_feature"])  # same codes
+    assert gvae.loc["gvae", "fid_feature"] != gvae.loc["gvae@gmm2-diag", "fid_feature"]
+    assert gvae.loc["gvae@gmm2-diag", "run_id"] == gvae.loc["gvae", "run_id"]
+    for c in ENCODER_ONLY:
+        assert math.isfinite(gvae.loc["gvae", c]) and math.isnan(gvae.loc["gvae@gmm2-diag", c]), c
+    metrics = MlflowClient(tracking_uri=uri).get_run(gvae.loc["gvae", "run_id"]).data.metrics
+    assert {"eval/fid_feature", "eval-N0I/fid_feature", "eval-gmm2-diag/fid_feature"} <= set(metrics)
+    assert (out / "grids" / "gvae-gmm2-diag-s0-3.png").is_file()
+    assert "gvae@gmm2-diag" in (out / "results.md").read_text()
+
+    assert evaluate.main(argv[:-1] + ["0,2:diag,1"]) == 0
+    again = pd.read_csv(out / "results.csv")
+    assert list(again["model"]) == list(frame["model"]) + ["gvae@gmm1"]
+    pd.testing.assert_frame_equal(again.iloc[:4], frame)
+    assert again["train_seconds"].iloc[-1] < 1, "the checkpoint is at its budget: nothing is trained again"
+    assert evaluate.main(argv[:-1] + ["8:banded"]) == 2
+
+
+@pytest.mark.slow
 def test_ct_evaluation_scores_the_mask_with_fidelity_and_tstr(tmp_path):
     """Phantom CT, split by case: mask share/shape/intensity, label fidelity and TSTR next to FD/KID."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -7,7 +7,8 @@ import torch
 
 from pancreas_gvae.config import load_config
 from pancreas_gvae.errors import PipelineError
-from pancreas_gvae.models.latent_prior import LatentPrior, draw_codes, prior_codes
+from pancreas_gvae.models.latent_prior import (COVARIANCES, LatentPrior, draw_codes, encode_codes, prior_codes,
+                                               prior_label, with_prior)
 from pancreas_gvae.models.networks import Generator
 from pancreas_gvae.synthesis.generator import generator_from_checkpoint
 from pancreas_gvae.synthesis.slices import prior_batches
@@ -56,6 +57,51 @@ def test_few_codes_fit_fewer_components_and_never_sample_the_empty_ones():
     z = prior.sample(500, seed=0)
     assert torch.isfinite(z).all() and (z.mean(0).abs() < 0.5).all()  # the single Gaussian over both clusters
     assert LatentPrior(D, 4).fit(*_two_clusters(n=3)).used_components == 1  # 6 codes: still one Gaussian
+
+
+def test_every_covariance_type_fits_and_samples_its_own_shape():
+    mu, logvar = _two_clusters()
+    mu[:, 0] *= 20  # one direction much wider than the rest: a spherical component cannot follow it
+    for covariance in COVARIANCES:
+        prior = LatentPrior(D, 2).fit(mu, logvar, covariance=covariance)
+        cov = prior.scale_tril @ prior.scale_tril.transpose(1, 2)
+        off = cov - torch.diag_embed(torch.diagonal(cov, dim1=1, dim2=2))
+        assert (off.abs().max() < 1e-6) == (covariance in ("diag", "spherical")), covariance
+        assert torch.allclose(cov[0], cov[1]) == (covariance == "tied"), covariance
+        z = prior.sample(4000, seed=0)
+        assert torch.isfinite(z).all() and (z.mean(1).abs() > 1.0).all(), covariance  # still two clusters
+        wide = z[z.mean(1) > 0][:, 0].std() / z[z.mean(1) > 0][:, 1:].std(0).mean()
+        assert (wide > 5) == (covariance != "spherical"), (covariance, wide)
+    with pytest.raises(ValueError, match="covariance 'banded'"):
+        LatentPrior(D, 2).fit(mu, logvar, covariance="banded")
+
+
+def test_with_prior_copies_the_generator_and_leaves_the_original_alone():
+    g = Generator(spatial_dims=2, out_channels=1, image_size=16, channels=[4, 8], latent_dim=D)
+    twin = with_prior(g, _two_clusters(), 2, covariance="diag", seed=0)
+    assert g.prior is None and twin.prior.is_fitted and twin.prior.used_components == 2
+    assert torch.equal(draw_codes(g, 8, D, seed=1), prior_codes(8, D, 1))
+    assert not torch.equal(draw_codes(twin, 8, D, seed=1), prior_codes(8, D, 1))
+    for (name, a), b in zip(g.state_dict().items(), twin.state_dict().values()):  # same weights
+        assert torch.equal(a, b), name
+    back = with_prior(twin, _two_clusters(), 0)
+    assert back.prior is None and twin.prior is not None
+    assert torch.equal(draw_codes(back, 8, D, seed=1), prior_codes(8, D, 1))
+    assert [prior_label(0), prior_label(8), prior_label(8, "diag")] == ["N(0,I)", "gmm8", "gmm8-diag"]
+
+
+def test_encode_codes_batches_in_eval_mode_and_restores_training():
+    from pancreas_gvae.models.networks import Encoder
+
+    enc = Encoder(spatial_dims=2, in_channels=1, image_size=16, channels=[4, 8], latent_dim=D)
+    enc.train()
+    x = torch.rand(10, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    mu, logvar = encode_codes(enc, x, batch_size=3)
+    assert enc.training and mu.shape == logvar.shape == (10, D)
+    enc.eval()
+    with torch.no_grad():
+        ref = enc(x)
+    assert torch.allclose(mu, ref[0], atol=1e-5) and torch.allclose(logvar, ref[1], atol=1e-5)
 
 
 def test_samplers_use_the_generators_prior_and_n01_without_one():
