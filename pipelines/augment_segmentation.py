@@ -19,10 +19,11 @@ Protocol (details: pancreas_gvae/segmentation/experiment.py)
     of a (fraction, fold, seed) has the same UNet recipe, seed and real slices;
   * test: every slice of the fold's test patients: Dice and HD95 (mm) on pancreas slices;
   * summary: per (fraction, arm) Dice mean and sd, and the paired difference to real+classic over
-    (fold, seed) with a 95 % t interval.
+    (fold, seed) with a 95 % t interval and a sign count, and each pair's difference (summary.md).
 
 Writes OUT/dice.csv (one row per fraction x arm x fold x seed; a re-run computes only missing rows),
-OUT/summary.csv, OUT/dice.png; one MLflow parent run with a child per row (counts only: no patient id
+OUT/summary.csv, OUT/summary.md, OUT/dice.png (``--report``: only these three, from the rows so far, nothing
+trained); one MLflow parent run with a child per row (counts only: no patient id
 reaches MLflow; case lists stay in local split.json files).
 """
 
@@ -69,7 +70,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--config", type=Path, default=REPO / "configs" / "ct_64.yaml",
                    help="generator config; its data.ct section fits the slices for every arm")
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    g.add_argument("--generator-steps", type=int, required=True, help="training steps of every generator")
+    g.add_argument("--generator-steps", type=int, help="training steps of every generator (required)")
     g.add_argument("--semi", action="store_true", help="also semi-supervised generators (all images, few masks)")
     e = p.add_argument_group("experiment")
     e.add_argument("--fractions", type=_floats, default=[0.1, 0.25, 0.5, 1.0])
@@ -78,7 +79,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     e.add_argument("--ratios", type=_floats, default=[0.5, 1.0, 2.0], help="synthetic slices per real one (R)")
     e.add_argument("--filter-threshold", type=float, default=0.5, help="0: no filtered arm")
     e.add_argument("--pool-size", type=int, default=2000, help="synthetic pairs drawn per generator")
-    e.add_argument("--unet-steps", type=int, required=True, help="UNet steps of every arm (a learning curve's)")
+    e.add_argument("--unet-steps", type=int, help="UNet steps of every arm (a learning curve's; required)")
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--lr", type=float, default=1e-3)
     e.add_argument("--pos-fraction", type=float, default=0.6, help="share of real draws from pancreas slices")
@@ -86,7 +87,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the config's)")
     p.add_argument("--experiment", default="pancreas-gvae-segmentation")
+    p.add_argument("--report", action="store_true", help="only write OUT/summary.csv, summary.md and dice.png "
+                                                         "from the rows of OUT/dice.csv so far; train nothing")
     args = p.parse_args(argv)
+    if args.report:
+        return args
+    if args.generator_steps is None or args.unet_steps is None:
+        p.error("--generator-steps and --unet-steps are required (a learning curve's budgets)")
     if min(args.ratios, default=1) <= 0 or args.unet_steps < 1 or args.batch_size < 2 or args.generator_steps < 1:
         p.error("--ratios must be > 0, --unet-steps and --generator-steps >= 1, --batch-size >= 2")
     return args
@@ -100,6 +107,12 @@ def main(argv: list[str] | None = None) -> int:
     from pancreas_gvae.training import ct
 
     args = parse_args(argv)
+    if args.report:  # the tables and plot of a partly filled dice.csv, e.g. while the runner is still going
+        if not (args.out / "dice.csv").is_file():
+            raise PipelineError(f"--report: no {args.out / 'dice.csv'} yet: run the experiment first")
+        D.write_report(pd.read_csv(args.out / "dice.csv"), args.out, title=f"{args.out.name}: rows so far")
+        print((args.out / "summary.md").read_text())
+        return 0
     overrides = [f"train.steps={args.generator_steps}", "tracking.log_model=false", "tracking.system_metrics=false",
                  f"tracking.experiment={args.experiment}", *args.overrides] + ([f"tracking.tracking_uri={args.tracking_uri}"] if args.tracking_uri else [])
     gcfg = load_config(args.config, overrides)
@@ -188,17 +201,14 @@ def main(argv: list[str] | None = None) -> int:
         if not rows:
             raise PipelineError("no row was produced")
         df = pd.DataFrame(rows, columns=D.COLUMNS)
-        summary = D.paired_summary(df)
-        summary.to_csv(args.out / "summary.csv", index=False)
-        D.plot_dice_vs_fraction(df, args.out / "dice.png",
-                                title=f"{len(folds)} fold(s) x {len(args.seeds)} seed(s), UNet {args.unet_steps} steps")
-        for name in ("dice.csv", "summary.csv", "dice.png"):
-            client.log_artifact(parent_id, str(args.out / name))
+        for f in D.write_report(df, args.out, title=f"{len(folds)} fold(s) x {len(args.seeds)} seed(s), UNet "
+                                                    f"{args.unet_steps} steps"):
+            client.log_artifact(parent_id, str(f))
         status = "FINISHED"
     finally:
         client.set_terminated(parent_id, status=status)
-    print(summary.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    print(f"wrote {path}, {args.out / 'summary.csv'}, {args.out / 'dice.png'}; MLflow parent run {parent_id} "
+    print((args.out / "summary.md").read_text())
+    print(f"wrote {path}, summary.csv, summary.md and dice.png in {args.out}; MLflow parent run {parent_id} "
           f"in {tracking_uri}")
     return 0
 

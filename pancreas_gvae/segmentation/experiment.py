@@ -187,8 +187,45 @@ def paired_summary(df: pd.DataFrame, reference: str = BASELINE) -> pd.DataFrame:
         half = (stats.t.ppf(0.975, n - 1) * pairs.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan
         row["ci95_low"], row["ci95_high"], row["n_pairs"] = row[f"diff_vs_{reference}"] - half, \
             row[f"diff_vs_{reference}"] + half, n
+        row["n_positive"] = int((pairs > 0).sum())  # a sign count: no normality assumed
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def summary_markdown(df: pd.DataFrame, reference: str = BASELINE) -> str:
+    """``summary.md``: per fraction, each arm's Dice and its paired difference to ``reference`` (mean, 95 % t
+    interval, how many pairs are positive), then every (fold, seed) pair's difference. The t interval treats the
+    (fold, seed) pairs as independent; seeds of one fold share its test patients, so it is somewhat narrow."""
+    s = paired_summary(df, reference)
+    diff = f"diff_vs_{reference}"
+    out = []
+    for fraction, g in s.groupby("fraction", sort=True):
+        out += [f"## {fraction:g} of training patients labelled", "",
+                f"| arm | n | Dice mean ± sd | paired diff. to {reference} | 95 % CI | pairs > 0 |", "|---|---|---|---|---|---|"]
+        for r in g.to_dict("records"):
+            ci = "–" if r["arm"] == reference or not math.isfinite(r["ci95_low"]) else \
+                f"[{r['ci95_low']:+.3f}, {r['ci95_high']:+.3f}]"
+            sd = f" ± {r['dice_sd']:.3f}" if math.isfinite(r["dice_sd"]) else ""
+            sign = "–" if r["arm"] == reference else f"{r['n_positive']} of {r['n_pairs']}"
+            out.append(f"| {r['arm']} | {r['n']} | {r['dice_mean']:.3f}{sd} | {r[diff]:+.3f} | {ci} | {sign} |")
+        rows = df[df["fraction"] == fraction]
+        wide = rows.pivot_table(index=["fold", "seed"], columns="arm", values="dice", aggfunc="first")
+        arms = [a for a in g["arm"] if a != reference and a in wide and reference in wide]
+        if arms:
+            pairs = wide[arms].sub(wide[reference], axis=0)
+            out += ["", "| fold, seed | " + " | ".join(arms) + " |", "|---|" + "---|" * len(arms)]
+            for (fold, seed), r in pairs.iterrows():
+                out.append(f"| {fold}, {seed} | " + " | ".join("" if pd.isna(v) else f"{v:+.3f}" for v in r) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def write_report(df: pd.DataFrame, out: Path, *, title: str = "") -> list[Path]:
+    """``summary.csv``, ``summary.md`` and ``dice.png`` of the rows ``df`` (``dice.csv``) into ``out``."""
+    paired_summary(df).to_csv(out / "summary.csv", index=False)
+    (out / "summary.md").write_text(summary_markdown(df))
+    plot_dice_vs_fraction(df, out / "dice.png", title=title)
+    return [out / n for n in ("dice.csv", "summary.csv", "summary.md", "dice.png")]
 
 
 def plot_dice_vs_fraction(df: pd.DataFrame, path: Path, *, title: str = "") -> Path:

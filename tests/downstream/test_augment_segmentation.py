@@ -161,6 +161,29 @@ def test_paired_differences_and_their_interval():
     assert got["diff_vs_real+classic"] == pytest.approx(sum(diffs) / 3)
     assert got["ci95_low"] == pytest.approx(sum(diffs) / 3 - half) and got["n_pairs"] == 3
     assert s.loc["real+classic", "diff_vs_real+classic"] == 0
+    assert got["n_positive"] == 3
+
+
+def test_report_writes_the_tables_of_a_partial_run_and_trains_nothing(tmp_path, capsys):
+    """--report: summary.csv/.md and dice.png from the rows so far (a missing pair is a blank, not a zero);
+    without rows it is one line and exit 2; without --report the budgets are required."""
+    from pancreas_gvae.pipelines import augment_segmentation
+
+    rows = [{"fraction": 0.25, "arm": arm, "fold": fold, "seed": 0, "dice": dice}
+            for fold, (base, aug) in enumerate([(0.50, 0.55), (0.60, 0.58)])
+            for arm, dice in (("real+classic", base), ("real+classic+sup1", aug))]
+    rows.append({"fraction": 0.25, "arm": "real+classic", "fold": 2, "seed": 0, "dice": 0.4})  # its pair is missing
+    pd.DataFrame(rows).to_csv(tmp_path / "dice.csv", index=False)
+    assert augment_segmentation.main(["--out", str(tmp_path), "--report"]) == 0
+    md = (tmp_path / "summary.md").read_text()
+    assert "| real+classic+sup1 | 2 | 0.565 ± 0.021 | +0.015 | [-0.430, +0.460] | 1 of 2 |" in md, md
+    assert "| 0, 0 | +0.050 |" in md and "| 1, 0 | -0.020 |" in md and "| 2, 0 |  |" in md
+    assert (tmp_path / "dice.png").is_file() and (tmp_path / "summary.csv").is_file()
+    assert not (tmp_path / "generators").exists()
+    assert augment_segmentation.main(["--out", str(tmp_path / "empty"), "--report"]) == 2
+    with pytest.raises(SystemExit):
+        augment_segmentation.main(["--out", str(tmp_path)])
+    assert "--generator-steps and --unet-steps are required" in capsys.readouterr().err
 
 
 def test_filter_keeps_the_pairs_the_judge_agrees_with():
