@@ -118,15 +118,14 @@ def _overrides(args: argparse.Namespace, model: str, seed: int) -> list[str]:
 # --------------------------------------------------------------------------- main
 
 
-def _finished_rows(path: Path, dataset: str, budgets: list[int]) -> list[dict]:
-    """Rows of an earlier, interrupted invocation with the same dataset and budgets (a re-run skips them)."""
+def _finished_rows(path: Path) -> list[dict]:
+    """Every row of an earlier invocation into the same ``--out`` (a re-run skips the ones it would compute, and
+    keeps the others, e.g. other budgets or priors, in the tables: none is lost)."""
     if not path.is_file():
         return []
     import pandas as pd
 
-    frame = pd.read_csv(path)
-    frame = frame[(frame["dataset"] == dataset) & frame["steps"].isin(budgets)]
-    return frame.to_dict("records")
+    return pd.read_csv(path).to_dict("records")
 
 
 def _checkpoint_step(run_dir: Path) -> int:
@@ -238,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         client.log_param(parent_id, k, str(v)[:500])
     print(f"MLflow parent run {parent_id} in {uri} (experiment {args.experiment})")
 
-    rows, status = _finished_rows(args.out / "results.csv", data.dataset, budgets), "FAILED"
+    rows, status = _finished_rows(args.out / "results.csv"), "FAILED"
     if rows:
         print(f"resuming: {len(rows)} finished row(s) in {args.out / 'results.csv'} are kept, not recomputed")
     try:
@@ -246,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
             labels = {model: None, **({f"{model}@{prior_label(k, c)}": (k, c) for k, c in priors}
                                       if model != "gan" else {})}  # a GAN has no codes of training images
             todo = [label for label in labels if not any(
-                r["model"] == label and int(r["seed"]) == seed and int(r["steps"]) == budget for r in rows)]
+                r["dataset"] == data.dataset and r["model"] == label and int(r["seed"]) == seed
+                and int(r["steps"]) == budget for r in rows)]
             if not todo:
                 continue
             args.steps = budget
@@ -290,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
                        "run_id": res.run_id, "train_seconds": round(res.seconds, 1),
                        "train_seconds_cum": round(res.seconds + sum(
                            float(r["train_seconds"]) for r in rows
-                           if r["model"] == label and int(r["seed"]) == seed and int(r["steps"]) < budget), 1),
+                           if r["dataset"] == data.dataset and r["model"] == label and int(r["seed"]) == seed
+                           and int(r["steps"]) < budget), 1),
                        "eval_seconds": round(time.perf_counter() - t0, 1)}
                 mlflow.set_tracking_uri(uri)
                 _log_child(MlflowClient(tracking_uri=res.tracking_uri or uri), res.run_id, row,
@@ -305,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
             grid = _compare_grids(data, list(dict.fromkeys(r["model"] for r in rows)), seeds[0], budget, args.out)
             if grid is not None:
                 client.log_artifact(parent_id, str(grid))
-        if len(budgets) > 1:
+        if frame["steps"].nunique() > 1:
             for path in _plot_learning_curves(frame, args.out):
                 client.log_artifact(parent_id, str(path))
         notes = [f"{k}: {v}" for k, v in params.items()]

@@ -87,6 +87,10 @@ def test_several_budgets_give_a_learning_curve_from_one_training(tmp_path, mnist
     assert sorted(m.step for m in run) == [2, 4]
     assert evaluate.main(argv) == 0
     pd.testing.assert_frame_equal(pd.read_csv(out / "results.csv"), frame)
+    # a re-run with only the last budget recomputes nothing and keeps the other budget's rows and table
+    assert evaluate.main([a if a != "2,4" else "4" for a in argv]) == 0
+    pd.testing.assert_frame_equal(pd.read_csv(out / "results.csv"), frame)
+    assert "## mnist, 2 steps" in (out / "results.md").read_text()
     # a budget below what a run already trained is refused in one line, not silently mislabelled
     assert evaluate.main([a if a != "2,4" else "3" for a in argv]) != 0
 
