@@ -53,8 +53,11 @@ def config_changes(old: dict, new: dict) -> list[tuple[str, object, object]]:
 
 
 def check_resumable(old: dict, new: dict, ckpt: Path) -> list[tuple[str, object, object]]:
-    """The changes a resumed run will apply; a model change (shapes, kind) is refused, naming the key."""
-    changes = config_changes(old, new)
+    """The changes a resumed run will apply; a model change (shapes, kind) is refused, naming the key. A key the
+    checkpoint's config lacks (added to the schema after it was written) counts as the default that run had."""
+    flat = flatten(old)
+    old = {**{k: v for k, v in flatten(Config().to_dict()).items() if k not in flat}, **flat}
+    changes = config_changes(old, flatten(new))
     model = [(k, a, b) for k, a, b in changes if k.startswith("model.")]
     if model:
         key, was, now = model[0]

@@ -112,3 +112,22 @@ def test_divergence_advice_names_only_what_a_resume_applies():
     message = str(err.value)
     assert "--resume" in message and "train.lr_g" in message
     assert "model.spectral_norm" in message and "new --out" in message, "a model change is not offered for resume"
+
+
+def test_a_checkpoint_older_than_a_config_key_resumes_with_its_default(tmp_path, capsys):
+    """A checkpoint written before model.latent_prior_components existed resumes (it ran with the default, 0);
+    asking it for another value is still a model change, refused by key."""
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = _run(tmp_path, store, "train.steps=2")
+    state = load_checkpoint(first.checkpoint)
+    del state["config"]["model"]["latent_prior_components"]
+    torch.save(state, first.checkpoint)
+    with pytest.raises(PipelineError, match="model.latent_prior_components"):
+        _run(tmp_path, store, "train.steps=4", "model.latent_prior_components=2", resume=True)
+    assert _run(tmp_path, store, "train.steps=4", resume=True).trainer.step == 4
+    assert "latent_prior_components" not in capsys.readouterr().out
+    state = load_checkpoint(first.checkpoint)
+    del state["config"]["model"]["latent_prior_components"]
+    torch.save(state, first.checkpoint)
+    with pytest.raises(PipelineError, match="model.latent_prior_components"):
+        _run(tmp_path, store, "train.steps=6", "model.latent_prior_components=2", resume=True)
