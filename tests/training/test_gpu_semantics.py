@@ -86,16 +86,18 @@ def _params(module):
     return torch.cat([p.detach().flatten() for p in module.parameters()])
 
 
-@pytest.mark.parametrize("overrides,data", [(CT_TINY, _ct_batch(4)), (MNIST_TINY[:3] + ["train.batch_size=4"],
-                                                                       torch.rand(4, 1, 28, 28))])
+@pytest.mark.parametrize("overrides,data", [
+    (CT_TINY, _ct_batch(4)),
+    # seeded: an unseeded batch drawn at collection time once gave E a gradient norm of 0.0098, under the clip
+    (MNIST_TINY[:3] + ["train.batch_size=4"], torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(0)))])
 def test_no_adversarial_gradient_into_the_encoder_when_clipping_engages(overrides, data):
     """E's update is identical for adversarial weight 0 and 50 with grad_clip small enough to clip every step."""
-    clip = ["train.grad_clip=0.01"]
-    a = _trainer(overrides, extra=clip + ["loss.adversarial_weight=0.0"])
-    b = _trainer(overrides, extra=clip + ["loss.adversarial_weight=50.0"])
+    clip = 1e-3
+    a = _trainer(overrides, extra=[f"train.grad_clip={clip}", "loss.adversarial_weight=0.0"])
+    b = _trainer(overrides, extra=[f"train.grad_clip={clip}", "loss.adversarial_weight=50.0"])
     b.load_state_dict(a.state_dict() | {"config": b.cfg.to_dict()})
     la, lb = a.train_step(data), b.train_step(data)
-    assert float(la["grad_norm/e"]) > 0.01 and float(la["grad_norm/g"]) > 0.01, "clipping must engage"
+    assert float(la["grad_norm/e"]) > 5 * clip and float(la["grad_norm/g"]) > 5 * clip, "clipping must engage"
     assert float(la["grad_norm/e"]) == float(lb["grad_norm/e"])
     assert torch.equal(_params(a.model.encoder), _params(b.model.encoder))
     assert not torch.equal(_params(a.model.generator), _params(b.model.generator))
