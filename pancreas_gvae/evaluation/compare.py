@@ -80,6 +80,9 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("prior_gap_kl_nats", False, "KL(aggregate posterior of training slices ‖ N(0,I)) (nats)", True),
     MetricSpec("fid_feature", False, "Fréchet distance (features)"),
     MetricSpec("kid_feature", False, "kernel distance (features)"),
+    # Held-out reconstructions against the held-out slices: what decoding codes of real slices can give at best,
+    # so the floor for any prior fitted to those codes (models/latent_prior.py), next to fid_feature.
+    MetricSpec("fid_recon_feature", False, "Fréchet distance of held-out reconstructions (features)", True),
     MetricSpec("precision", True, "precision"),
     MetricSpec("recall", True, "recall"),
     MetricSpec("modes_covered", True, "modes covered (of 10)"),
@@ -221,6 +224,7 @@ def evaluate_model(model, ema_generator: torch.nn.Module, data: EvalData, *, lat
                 decode = lambda z: model.decode(z.to(device)).float().cpu()  # noqa: E731
             recon = _batched(lambda x: model.reconstruct(x.to(device)).float().cpu(), test)
             ri = data.img(recon)
+            row["fid_recon_feature"] = M.frechet_distance_features(f_real, M.extract_features(data.feature_fn, ri))
             row["recon_ssim"] = _mean(M.reconstruction_ssim(ti, ri))
             err = M.reconstruction_error(ti, ri, window=data.window)
             row["recon_mse"], row["recon_l1"] = _mean(err.mse), _mean(err.l1)
