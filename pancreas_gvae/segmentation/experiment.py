@@ -192,11 +192,11 @@ def paired_summary(df: pd.DataFrame, reference: str = BASELINE) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def summary_markdown(df: pd.DataFrame, reference: str = BASELINE) -> str:
+def summary_markdown(df: pd.DataFrame, reference: str = BASELINE, *, summary: pd.DataFrame | None = None) -> str:
     """``summary.md``: per fraction, each arm's Dice and its paired difference to ``reference`` (mean, 95 % t
     interval, how many pairs are positive), then every (fold, seed) pair's difference. The t interval treats the
     (fold, seed) pairs as independent; seeds of one fold share its test patients, so it is somewhat narrow."""
-    s = paired_summary(df, reference)
+    s = paired_summary(df, reference) if summary is None else summary
     diff = f"diff_vs_{reference}"
     out = []
     for fraction, g in s.groupby("fraction", sort=True):
@@ -222,8 +222,9 @@ def summary_markdown(df: pd.DataFrame, reference: str = BASELINE) -> str:
 
 def write_report(df: pd.DataFrame, out: Path, *, title: str = "") -> list[Path]:
     """``summary.csv``, ``summary.md`` and ``dice.png`` of the rows ``df`` (``dice.csv``) into ``out``."""
-    paired_summary(df).to_csv(out / "summary.csv", index=False)
-    (out / "summary.md").write_text(summary_markdown(df))
+    summary = paired_summary(df)
+    summary.to_csv(out / "summary.csv", index=False)
+    (out / "summary.md").write_text(summary_markdown(df, summary=summary))
     plot_dice_vs_fraction(df, out / "dice.png", title=title)
     return [out / n for n in ("dice.csv", "summary.csv", "summary.md", "dice.png")]
 
