@@ -170,9 +170,26 @@ def filter_by_agreement(pool: S.SliceSet, judge: torch.nn.Module, threshold: flo
 # ----------------------------------------------------------------------------- statistics
 
 
+def _t_interval(values: pd.Series) -> tuple[float, float]:
+    """95 % t interval of the mean of ``values`` (NaN with fewer than 2)."""
+    from scipy import stats
+
+    n, mean = len(values), values.mean()
+    half = stats.t.ppf(0.975, n - 1) * values.std(ddof=1) / math.sqrt(n) if n > 1 else math.nan
+    return mean - half, mean + half
+
+
 def paired_summary(df: pd.DataFrame, reference: str = BASELINE) -> pd.DataFrame:
     """Per (fraction, arm): Dice mean / sd / n over (fold, seed), and the paired difference to ``reference``
-    on the same (fraction, fold, seed): mean and a 95 % t interval (blank with fewer than 2 pairs)."""
+    on the same (fraction, fold, seed), with three ways to judge it:
+
+    * ``ci95_low/high``: a 95 % t interval over the (fold, seed) pairs (blank with fewer than 2). It treats
+      the pairs as independent, but seeds of one fold share its test patients, so it is somewhat narrow;
+    * ``fold_ci95_low/high``: the pairs averaged per fold first, then a t interval over the ``n_folds`` fold
+      means: the test patients are the unit, the honest interval when folds are few (blank below 2 folds,
+      e.g. with an external test cohort);
+    * ``n_positive`` of ``n_pairs`` and ``sign_p``: an exact two-sided sign test (ties dropped), which
+      assumes no normality."""
     from scipy import stats
 
     rows = []
@@ -184,30 +201,44 @@ def paired_summary(df: pd.DataFrame, reference: str = BASELINE) -> pd.DataFrame:
         pairs = g.set_index(["fold", "seed"])["dice"].astype(float).sub(ref.astype(float)).dropna()
         n = len(pairs)
         row[f"diff_vs_{reference}"] = pairs.mean() if n else math.nan
-        half = (stats.t.ppf(0.975, n - 1) * pairs.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan
-        row["ci95_low"], row["ci95_high"], row["n_pairs"] = row[f"diff_vs_{reference}"] - half, \
-            row[f"diff_vs_{reference}"] + half, n
-        row["n_positive"] = int((pairs > 0).sum())  # a sign count: no normality assumed
+        row["ci95_low"], row["ci95_high"] = _t_interval(pairs)
+        row["n_pairs"] = n
+        per_fold = pairs.groupby(level="fold").mean()
+        row["fold_ci95_low"], row["fold_ci95_high"] = _t_interval(per_fold)
+        row["n_folds"] = len(per_fold)
+        row["n_positive"], n_negative = int((pairs > 0).sum()), int((pairs < 0).sum())
+        row["sign_p"] = stats.binomtest(row["n_positive"], row["n_positive"] + n_negative).pvalue \
+            if row["n_positive"] + n_negative else math.nan
         rows.append(row)
     return pd.DataFrame(rows)
 
 
 def summary_markdown(df: pd.DataFrame, reference: str = BASELINE, *, summary: pd.DataFrame | None = None) -> str:
-    """``summary.md``: per fraction, each arm's Dice and its paired difference to ``reference`` (mean, 95 % t
-    interval, how many pairs are positive), then every (fold, seed) pair's difference. The t interval treats the
-    (fold, seed) pairs as independent; seeds of one fold share its test patients, so it is somewhat narrow."""
+    """``summary.md``: per fraction, each arm's Dice and its paired difference to ``reference`` (mean, the 95 %
+    t interval over pairs and over fold means, the sign count and its test: see :func:`paired_summary`), then
+    every (fold, seed) pair's difference."""
     s = paired_summary(df, reference) if summary is None else summary
     diff = f"diff_vs_{reference}"
-    out = []
+
+    def interval(r, low: str, high: str) -> str:
+        ok = r["arm"] != reference and math.isfinite(r[low])
+        return f"[{r[low]:+.3f}, {r[high]:+.3f}]" if ok else "–"
+
+    out = ["95 % CI over pairs treats the (fold, seed) pairs as independent; seeds of one fold share its test",
+           "patients, so the interval over fold means (n = folds) is the one to trust when folds are few.", ""]
     for fraction, g in s.groupby("fraction", sort=True):
         out += [f"## {fraction:g} of training patients labelled", "",
-                f"| arm | n | Dice mean ± sd | paired diff. to {reference} | 95 % CI | pairs > 0 |", "|---|---|---|---|---|---|"]
+                f"| arm | n | Dice mean ± sd | paired diff. to {reference} | 95 % CI over pairs "
+                "| 95 % CI over fold means | pairs > 0 (sign test p) |", "|---|---|---|---|---|---|---|"]
         for r in g.to_dict("records"):
-            ci = "–" if r["arm"] == reference or not math.isfinite(r["ci95_low"]) else \
-                f"[{r['ci95_low']:+.3f}, {r['ci95_high']:+.3f}]"
             sd = f" ± {r['dice_sd']:.3f}" if math.isfinite(r["dice_sd"]) else ""
-            sign = "–" if r["arm"] == reference else f"{r['n_positive']} of {r['n_pairs']}"
-            out.append(f"| {r['arm']} | {r['n']} | {r['dice_mean']:.3f}{sd} | {r[diff]:+.3f} | {ci} | {sign} |")
+            sign = "–" if r["arm"] == reference else f"{r['n_positive']} of {r['n_pairs']}" + (
+                f" (p = {r['sign_p']:.3g})" if math.isfinite(r["sign_p"]) else "")
+            fold_ci = interval(r, "fold_ci95_low", "fold_ci95_high")
+            if fold_ci != "–":
+                fold_ci += f", {r['n_folds']} folds"
+            out.append(f"| {r['arm']} | {r['n']} | {r['dice_mean']:.3f}{sd} | {r[diff]:+.3f} | "
+                       f"{interval(r, 'ci95_low', 'ci95_high')} | {fold_ci} | {sign} |")
         rows = df[df["fraction"] == fraction]
         wide = rows.pivot_table(index=["fold", "seed"], columns="arm", values="dice", aggfunc="first")
         arms = [a for a in g["arm"] if a != reference and a in wide and reference in wide]

@@ -161,7 +161,29 @@ def test_paired_differences_and_their_interval():
     assert got["diff_vs_real+classic"] == pytest.approx(sum(diffs) / 3)
     assert got["ci95_low"] == pytest.approx(sum(diffs) / 3 - half) and got["n_pairs"] == 3
     assert s.loc["real+classic", "diff_vs_real+classic"] == 0
-    assert got["n_positive"] == 3
+    assert got["n_positive"] == 3 and got["sign_p"] == pytest.approx(0.25)  # 3 of 3: 2 * 0.5 ** 3
+
+
+def test_fold_interval_averages_the_seeds_of_a_fold_first():
+    """Seeds of one fold share its test patients: the fold-level interval is a t interval over fold means
+    (n = folds), wider than the one over pairs; the sign test drops ties."""
+    from scipy import stats
+
+    from pancreas_gvae.segmentation import experiment as D
+
+    diffs = {(0, 0): 0.04, (0, 1): 0.02, (1, 0): 0.06, (1, 1): 0.0, (2, 0): -0.01, (2, 1): 0.05}
+    rows = []
+    for (fold, seed), d in diffs.items():
+        rows += [{"fraction": 0.25, "arm": "real+classic", "fold": fold, "seed": seed, "dice": 0.5},
+                 {"fraction": 0.25, "arm": "real+classic+sup1", "fold": fold, "seed": seed, "dice": 0.5 + d}]
+    got = D.paired_summary(pd.DataFrame(rows)).set_index("arm").loc["real+classic+sup1"]
+    fold_means = pd.Series([0.03, 0.03, 0.02])
+    half = stats.t.ppf(0.975, 2) * fold_means.std(ddof=1) / 3 ** 0.5
+    assert got["n_folds"] == 3 and got["n_pairs"] == 6
+    assert got["fold_ci95_low"] == pytest.approx(fold_means.mean() - half, abs=1e-9)
+    assert got["fold_ci95_high"] == pytest.approx(fold_means.mean() + half, abs=1e-9)
+    assert got["fold_ci95_high"] - got["fold_ci95_low"] != pytest.approx(got["ci95_high"] - got["ci95_low"])
+    assert got["n_positive"] == 4 and got["sign_p"] == pytest.approx(stats.binomtest(4, 5).pvalue)
 
 
 def test_report_writes_the_tables_of_a_partial_run_and_trains_nothing(tmp_path, capsys):
@@ -176,7 +198,9 @@ def test_report_writes_the_tables_of_a_partial_run_and_trains_nothing(tmp_path, 
     pd.DataFrame(rows).to_csv(tmp_path / "dice.csv", index=False)
     assert augment_segmentation.main(["--out", str(tmp_path), "--report"]) == 0
     md = (tmp_path / "summary.md").read_text()
-    assert "| real+classic+sup1 | 2 | 0.565 ± 0.021 | +0.015 | [-0.430, +0.460] | 1 of 2 |" in md, md
+    assert ("| real+classic+sup1 | 2 | 0.565 ± 0.021 | +0.015 | [-0.430, +0.460] | [-0.430, +0.460], 2 folds "
+            "| 1 of 2 (p = 1) |") in md, md
+    assert "| real+classic | 3 | 0.500 ± 0.100 | +0.000 | – | – | – |" in md, md
     assert "| 0, 0 | +0.050 |" in md and "| 1, 0 | -0.020 |" in md and "| 2, 0 |  |" in md
     assert (tmp_path / "dice.png").is_file() and (tmp_path / "summary.csv").is_file()
     assert not (tmp_path / "generators").exists()
