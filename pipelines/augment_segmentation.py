@@ -19,7 +19,8 @@ Protocol (details: pancreas_gvae/segmentation/experiment.py)
     of a (fraction, fold, seed) has the same UNet recipe, seed and real slices;
   * test: every slice of the fold's test patients: Dice and HD95 (mm) on pancreas slices;
   * summary: per (fraction, arm) Dice mean and sd, and the paired difference to real+classic over
-    (fold, seed) with a 95 % t interval and a sign count, and each pair's difference (summary.md).
+    (fold, seed) with a 95 % t interval over pairs and one over fold means (the test patients as the
+    unit), a sign count with its exact test, and each pair's difference (summary.md).
 
 Writes OUT/dice.csv (one row per fraction x arm x fold x seed; a re-run computes only missing rows),
 OUT/summary.csv, OUT/summary.md, OUT/dice.png (``--report``: only these three, from the rows so far, nothing

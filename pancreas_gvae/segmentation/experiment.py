@@ -256,17 +256,19 @@ def write_report(df: pd.DataFrame, out: Path, *, title: str = "") -> list[Path]:
     summary = paired_summary(df)
     summary.to_csv(out / "summary.csv", index=False)
     (out / "summary.md").write_text(summary_markdown(df, summary=summary))
-    plot_dice_vs_fraction(df, out / "dice.png", title=title)
+    plot_dice_vs_fraction(summary, out / "dice.png", title=title)
     return [out / n for n in ("dice.csv", "summary.csv", "summary.md", "dice.png")]
 
 
-def plot_dice_vs_fraction(df: pd.DataFrame, path: Path, *, title: str = "") -> Path:
+def plot_dice_vs_fraction(summary: pd.DataFrame, path: Path, *, title: str = "") -> Path:
+    """Dice (mean ± sd over (fold, seed)) against the labelled fraction, a line per arm, from
+    :func:`paired_summary`'s table."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    s = paired_summary(df)
+    s = summary
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for arm, g in s.groupby("arm", sort=False):
         g = g.sort_values("fraction")
