@@ -36,6 +36,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from pancreas_gvae.atomic import write_csv
 from pancreas_gvae.segmentation import experiment as D
 from pancreas_gvae.segmentation import scoring, splits
 from pancreas_gvae.segmentation import unet as seg
@@ -169,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def on_row(row: dict) -> None:
             rows.append(row)
-            pd.DataFrame(rows, columns=D.COLUMNS).to_csv(path, index=False)  # survives an interruption
+            write_csv(pd.DataFrame(rows, columns=D.COLUMNS), path)  # survives an interruption
             name = f"{row['arm']}-f{row['fraction']:g}-k{row['fold']}-s{row['seed']}"
             child = client.create_run(exp_id, run_name=name, tags={"mlflow.parentRunId": parent_id}).info.run_id
             _log_params(client, child, {k: row[k] for k in ("fraction", "arm", "fold", "seed", "n_labelled_cases",

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from pancreas_gvae.atomic import write_csv
 from pancreas_gvae.config import MODEL_KINDS, load_config
 from pancreas_gvae.data.ct.discovery import LAYOUTS
 from pancreas_gvae.errors import PipelineError, run_cli
@@ -300,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"   {label}: trained {res.seconds:.0f} s, evaluated {row['eval_seconds']:.0f} s: "
                       + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if math.isfinite(v)), flush=True)
                 frame = results_frame(rows)
-                frame.to_csv(args.out / "results.csv", index=False)  # partial table survives an interruption
+                write_csv(frame, args.out / "results.csv")  # the partial table survives an interruption
         frame = results_frame(rows)
         for budget in budgets:
             grid = _compare_grids(data, list(dict.fromkeys(r["model"] for r in rows)), seeds[0], budget, args.out)

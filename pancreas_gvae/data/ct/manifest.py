@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from pancreas_gvae.atomic import write_csv
+
 MANIFEST_NAME = "manifest.csv"
 COLUMNS = [
     "case_id", "layout", "status", "reason", "notes", "has_label", "input_intensity", "image_path", "label_path",
@@ -98,16 +100,7 @@ def to_frame(rows: list[dict]) -> pd.DataFrame:
 
 def write_manifest(df: pd.DataFrame, out_dir: str | Path) -> Path:
     """Write ``manifest.csv`` through a temporary file unique to this process (then renamed: never half-written)."""
-    path = Path(out_dir) / MANIFEST_NAME
-    fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST_NAME}.tmp-{os.getpid()}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as handle:
-            df.to_csv(handle, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_csv(df, Path(out_dir) / MANIFEST_NAME)
 
 
 def read_manifest(path: str | Path) -> pd.DataFrame:
