@@ -6,7 +6,8 @@ study/series/acquisition/content dates, and new study/series/instance/frame-of-r
 The TCIA folder names stay (the case id PANCREAS_000N is the folder name and, in TCIA, equals the DICOM
 PatientID; the study folder names carry a date and UID digits): they are searched for too.
 After training (train_ct, 2 steps, tiny model, sqlite store) and sampling from the MLflow run's logged model
-(NIfTI + PNG + DICOM, memorisation check on), every exported file, every MLflow param / tag / metric name /
+(NIfTI + PNG + DICOM, memorisation check on), what both commands printed (stdout, stderr, progress bars),
+every exported file, every MLflow param / tag / metric name /
 dataset input / artifact path and artifact byte of every run and logged model, the artifact store folder and
 the sqlite file are searched (case-insensitively, gzip members decompressed, PNG text chunks read) for each
 recorded value. A positive control checks that the same search finds them in the rewritten cohort and the
@@ -157,7 +158,7 @@ def _mlflow_blobs(uri: str, dst: Path) -> dict[str, list[bytes]]:
 
 
 @pytest.mark.slow
-def test_no_source_identifier_reaches_exports_or_mlflow(tmp_path, monkeypatch):
+def test_no_source_identifier_reaches_exports_or_mlflow(tmp_path, monkeypatch, capfd):
     from pancreas_gvae.pipelines import sample, train_ct
 
     monkeypatch.chdir(tmp_path)  # MLflow's default artifact root (./mlruns) lands in tmp_path
@@ -191,7 +192,10 @@ def test_no_source_identifier_reaches_exports_or_mlflow(tmp_path, monkeypatch):
     assert any("FAKEPID12345" in h for h in _find(needles, _files(cohort / "Pancreas-CT" / "PANCREAS_0001")))
     assert any("PANCREAS_0001" in h for h in _find(needles, _files(train_out / "prepared")))
 
-    blobs = {**_files(export), **_mlflow_blobs(uri, tmp_path / "downloads")}
+    console = capfd.readouterr()  # what both commands printed: a log the operator may paste anywhere
+    assert "prepared 3 case(s)" in console.out
+    blobs = {**_files(export), **_mlflow_blobs(uri, tmp_path / "downloads"),
+             "console stdout": [console.out.encode()], "console stderr": [console.err.encode()]}
     blobs.update({f"store {k}": v for k, v in _files(tmp_path / "mlruns").items()})
     blobs[f"sqlite {tmp_path / 'mlflow.db'}"] = [(tmp_path / "mlflow.db").read_bytes()]
     hits = _find(needles, blobs)

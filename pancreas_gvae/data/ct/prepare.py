@@ -251,7 +251,6 @@ def _prepare_locked(found, out_dir: Path, cache_dir: Path, cfg: DataConfig, valu
     bar = tqdm(total=len(todo), desc="prepare CT", unit="case", disable=not progress or not todo)
     if workers == 1 or len(todo) <= 1:
         for case, fp in todo:
-            bar.set_postfix_str(case.case_id)
             rows.append(prepare_case(case, cache_dir, cfg, values, chash, root, fp))
             bar.update()
     else:
@@ -271,7 +270,6 @@ def _prepare_locked(found, out_dir: Path, cache_dir: Path, cfg: DataConfig, valu
                     row["reason"] = redact(f"error: worker failed: {type(err).__name__}: {err}",
                                            _roots(case, root, cache_dir))
                     rows.append(row)
-                bar.set_postfix_str(case.case_id)
                 bar.update()
     bar.close()
 
