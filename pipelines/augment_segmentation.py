@@ -23,7 +23,8 @@ Protocol (details: pancreas_gvae/segmentation/experiment.py)
     unit), a sign count with its exact test, and each pair's difference (summary.md).
 
 Writes OUT/dice.csv (one row per fraction x arm x fold x seed; a re-run computes only missing rows),
-OUT/summary.csv, OUT/summary.md, OUT/dice.png (``--report``: only these three, from the rows so far, nothing
+OUT/summary.csv, OUT/summary.md, OUT/dice.png, OUT/paired.png (each pair's difference to real+classic)
+(``--report``: only these four, from the rows so far, nothing
 trained); one MLflow parent run with a child per row (counts only: no patient id
 reaches MLflow; case lists stay in local split.json files).
 """
@@ -89,7 +90,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the config's)")
     p.add_argument("--experiment", default="pancreas-gvae-segmentation")
-    p.add_argument("--report", action="store_true", help="only write OUT/summary.csv, summary.md and dice.png "
+    p.add_argument("--report", action="store_true", help="only write OUT/summary.csv, summary.md, dice.png and paired.png "
                                                          "from the rows of OUT/dice.csv so far; train nothing")
     args = p.parse_args(argv)
     if args.report:
@@ -210,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         client.set_terminated(parent_id, status=status)
     print((args.out / "summary.md").read_text())
-    print(f"wrote {path}, summary.csv, summary.md and dice.png in {args.out}; MLflow parent run {parent_id} "
+    print(f"wrote {path}, summary.csv, summary.md, dice.png and paired.png in {args.out}; MLflow parent run {parent_id} "
           f"in {tracking_uri}")
     return 0
 

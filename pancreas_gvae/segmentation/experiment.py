@@ -252,12 +252,55 @@ def summary_markdown(df: pd.DataFrame, reference: str = BASELINE, *, summary: pd
 
 
 def write_report(df: pd.DataFrame, out: Path, *, title: str = "") -> list[Path]:
-    """``summary.csv``, ``summary.md`` and ``dice.png`` of the rows ``df`` (``dice.csv``) into ``out``."""
+    """``summary.csv``, ``summary.md``, ``dice.png`` and ``paired.png`` of the rows ``df`` (``dice.csv``) into
+    ``out``."""
     summary = paired_summary(df)
     summary.to_csv(out / "summary.csv", index=False)
     (out / "summary.md").write_text(summary_markdown(df, summary=summary))
     plot_dice_vs_fraction(summary, out / "dice.png", title=title)
-    return [out / n for n in ("dice.csv", "summary.csv", "summary.md", "dice.png")]
+    plot_paired_differences(df, summary, out / "paired.png", title=title)
+    return [out / n for n in ("dice.csv", "summary.csv", "summary.md", "dice.png", "paired.png")]
+
+
+def plot_paired_differences(df: pd.DataFrame, summary: pd.DataFrame, path: Path, reference: str = BASELINE, *,
+                            title: str = "") -> Path:
+    """Per fraction, each arm's Dice minus ``reference``'s on the same (fold, seed): one dot per pair, coloured
+    by fold, with the mean and the 95 % interval over fold means (:func:`paired_summary`). The spread the
+    means hide is what decides whether an arm can be trusted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fractions = sorted(df["fraction"].unique())
+    fig, axes = plt.subplots(1, len(fractions), figsize=(3.2 + 2.4 * len(fractions), 4.2), squeeze=False)
+    for ax, fraction in zip(axes[0], fractions):
+        wide = df[df["fraction"] == fraction].pivot_table(index=["fold", "seed"], columns="arm", values="dice",
+                                                          aggfunc="first")
+        arms = [a for a in wide.columns if a != reference] if reference in wide else []
+        rows = summary[summary["fraction"] == fraction].set_index("arm")
+        for x, arm in enumerate(arms):
+            diff = wide[arm].sub(wide[reference]).dropna()
+            folds = diff.index.get_level_values("fold")
+            jitter = np.linspace(-0.15, 0.15, len(diff)) if len(diff) > 1 else np.zeros(1)
+            ax.scatter(x + jitter, diff.to_numpy(), c=[f"C{int(f) % 10}" for f in folds], s=18, zorder=3)
+            r = rows.loc[arm]
+            low, high = r["fold_ci95_low"], r["fold_ci95_high"]
+            if math.isfinite(low):
+                ax.plot([x, x], [low, high], color="black", lw=1, zorder=2)
+            ax.plot([x - 0.25, x + 0.25], [r[f"diff_vs_{reference}"]] * 2, color="black", lw=2, zorder=4)
+        ax.axhline(0, color="grey", lw=0.8, ls="--")
+        ax.set_xticks(range(len(arms)))
+        ax.set_xticklabels(arms, rotation=30, ha="right", fontsize=7)
+        ax.set_title(f"{fraction:g} labelled", fontsize=9)
+        ax.grid(alpha=0.3, axis="y")
+    axes[0][0].set_ylabel(f"Dice minus {reference} (same fold, seed)")
+    fig.suptitle((title + "\n" if title else "") + "dots: (fold, seed) pairs, colour = fold; bar: mean; "
+                 "line: 95 % CI over fold means", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def plot_dice_vs_fraction(summary: pd.DataFrame, path: Path, *, title: str = "") -> Path:

@@ -203,6 +203,7 @@ def test_report_writes_the_tables_of_a_partial_run_and_trains_nothing(tmp_path, 
     assert "| real+classic | 3 | 0.500 ± 0.100 | +0.000 | – | – | – |" in md, md
     assert "| 0, 0 | +0.050 |" in md and "| 1, 0 | -0.020 |" in md and "| 2, 0 |  |" in md
     assert (tmp_path / "dice.png").is_file() and (tmp_path / "summary.csv").is_file()
+    assert (tmp_path / "paired.png").stat().st_size > 0
     assert not (tmp_path / "generators").exists()
     assert augment_segmentation.main(["--out", str(tmp_path / "empty"), "--report"]) == 2
     with pytest.raises(SystemExit):
