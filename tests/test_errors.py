@@ -44,9 +44,15 @@ def test_sigterm_runs_the_commands_clean_up_and_exits_143(tmp_path):
 
         raise SystemExit(main())
     """))
+    # mlflow.set_experiment (earlier tests, in this process) exports MLFLOW_EXPERIMENT_ID for child processes;
+    # that id means nothing in the job's own store
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, cwd=REPO)
-    assert proc.stdout.readline().strip() == "ready"
+                            text=True, cwd=REPO, env=env)
+    first = proc.stdout.readline().strip()
+    if first != "ready":
+        out, err = proc.communicate(timeout=60)
+        pytest.fail(f"the job did not start (rc {proc.returncode}): {first}{out}\n{err}")
     time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
