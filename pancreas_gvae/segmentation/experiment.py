@@ -213,6 +213,16 @@ def paired_summary(df: pd.DataFrame, reference: str = BASELINE) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def pair_differences(df: pd.DataFrame, fraction: float, reference: str = BASELINE) -> pd.DataFrame:
+    """Each arm's Dice minus ``reference``'s on the same (fold, seed) at ``fraction``: rows (fold, seed), a
+    column per arm other than ``reference`` (NaN where a pair is missing; no column without the reference)."""
+    wide = df[df["fraction"] == fraction].pivot_table(index=["fold", "seed"], columns="arm", values="dice",
+                                                      aggfunc="first")
+    if reference not in wide:
+        return wide.iloc[:, :0]
+    return wide.drop(columns=reference).sub(wide[reference], axis=0)
+
+
 def summary_markdown(df: pd.DataFrame, reference: str = BASELINE, *, summary: pd.DataFrame | None = None) -> str:
     """``summary.md``: per fraction, each arm's Dice and its paired difference to ``reference`` (mean, the 95 %
     t interval over pairs and over fold means, the sign count and its test: see :func:`paired_summary`), then
@@ -239,11 +249,9 @@ def summary_markdown(df: pd.DataFrame, reference: str = BASELINE, *, summary: pd
                 fold_ci += f", {r['n_folds']} folds"
             out.append(f"| {r['arm']} | {r['n']} | {r['dice_mean']:.3f}{sd} | {r[diff]:+.3f} | "
                        f"{interval(r, 'ci95_low', 'ci95_high')} | {fold_ci} | {sign} |")
-        rows = df[df["fraction"] == fraction]
-        wide = rows.pivot_table(index=["fold", "seed"], columns="arm", values="dice", aggfunc="first")
-        arms = [a for a in g["arm"] if a != reference and a in wide and reference in wide]
+        pairs = pair_differences(df, fraction, reference)
+        arms = list(pairs.columns)
         if arms:
-            pairs = wide[arms].sub(wide[reference], axis=0)
             out += ["", "| fold, seed | " + " | ".join(arms) + " |", "|---|" + "---|" * len(arms)]
             for (fold, seed), r in pairs.iterrows():
                 out.append(f"| {fold}, {seed} | " + " | ".join("" if pd.isna(v) else f"{v:+.3f}" for v in r) + " |")
@@ -275,12 +283,11 @@ def plot_paired_differences(df: pd.DataFrame, summary: pd.DataFrame, path: Path,
     fractions = sorted(df["fraction"].unique())
     fig, axes = plt.subplots(1, len(fractions), figsize=(3.2 + 2.4 * len(fractions), 4.2), squeeze=False)
     for ax, fraction in zip(axes[0], fractions):
-        wide = df[df["fraction"] == fraction].pivot_table(index=["fold", "seed"], columns="arm", values="dice",
-                                                          aggfunc="first")
-        arms = [a for a in wide.columns if a != reference] if reference in wide else []
+        pairs = pair_differences(df, fraction, reference)
+        arms = list(pairs.columns)
         rows = summary[summary["fraction"] == fraction].set_index("arm")
         for x, arm in enumerate(arms):
-            diff = wide[arm].sub(wide[reference]).dropna()
+            diff = pairs[arm].dropna()
             folds = diff.index.get_level_values("fold")
             jitter = np.linspace(-0.15, 0.15, len(diff)) if len(diff) > 1 else np.zeros(1)
             ax.scatter(x + jitter, diff.to_numpy(), c=[f"C{int(f) % 10}" for f in folds], s=18, zorder=3)
@@ -311,15 +318,14 @@ def plot_dice_vs_fraction(summary: pd.DataFrame, path: Path, *, title: str = "")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    s = summary
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for arm, g in s.groupby("arm", sort=False):
+    for arm, g in summary.groupby("arm", sort=False):
         g = g.sort_values("fraction")
         ax.errorbar(g["fraction"], g["dice_mean"], yerr=g["dice_sd"].fillna(0), marker="o", capsize=3,
                     label=arm, linestyle="--" if arm.startswith("tstr") else "-")
     ax.set_xscale("log")
-    ax.set_xticks(sorted(s["fraction"].unique()))
-    ax.set_xticklabels([f"{f:g}" for f in sorted(s["fraction"].unique())])
+    ax.set_xticks(sorted(summary["fraction"].unique()))
+    ax.set_xticklabels([f"{f:g}" for f in sorted(summary["fraction"].unique())])
     ax.set_xlabel("fraction of labelled training patients")
     ax.set_ylabel("Dice on test patients (mean ± sd)")
     ax.grid(alpha=0.3)
