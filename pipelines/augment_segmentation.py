@@ -39,7 +39,7 @@ import pandas as pd
 
 from pancreas_gvae.atomic import write_csv
 from pancreas_gvae.segmentation import experiment as D
-from pancreas_gvae.segmentation import scoring, splits
+from pancreas_gvae.segmentation import report, scoring, splits
 from pancreas_gvae.segmentation import unet as seg
 from pancreas_gvae.config import load_config
 from pancreas_gvae.data.ct.config import check_model_matches_data, data_config, fit_options
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.report:  # the tables and plot of a partly filled dice.csv, e.g. while the runner is still going
         if not (args.out / "dice.csv").is_file():
             raise PipelineError(f"--report: no {args.out / 'dice.csv'} yet: run the experiment first")
-        D.write_report(pd.read_csv(args.out / "dice.csv"), args.out, title=f"{args.out.name}: rows so far")
+        report.write_report(pd.read_csv(args.out / "dice.csv"), args.out, title=f"{args.out.name}: rows so far")
         print((args.out / "summary.md").read_text())
         return 0
     overrides = [f"train.steps={args.generator_steps}", "tracking.log_model=false", "tracking.system_metrics=false",
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         if not rows:
             raise PipelineError("no row was produced")
         df = pd.DataFrame(rows, columns=D.COLUMNS)
-        for f in D.write_report(df, args.out, title=f"{len(folds)} fold(s) x {len(args.seeds)} seed(s), UNet "
+        for f in report.write_report(df, args.out, title=f"{len(folds)} fold(s) x {len(args.seeds)} seed(s), UNet "
                                                     f"{args.unet_steps} steps"):
             client.log_artifact(parent_id, str(f))
         status = "FINISHED"

@@ -148,13 +148,13 @@ def test_arms_and_their_names():
 def test_paired_differences_and_their_interval():
     from scipy import stats
 
-    from pancreas_gvae.segmentation import experiment as D
+    from pancreas_gvae.segmentation import report as R
 
     rows = []
     for fold, (base, aug) in enumerate([(0.50, 0.55), (0.60, 0.62), (0.40, 0.47)]):
         rows += [{"fraction": 0.1, "arm": "real+classic", "fold": fold, "seed": 0, "dice": base},
                  {"fraction": 0.1, "arm": "real+classic+sup1", "fold": fold, "seed": 0, "dice": aug}]
-    s = D.paired_summary(pd.DataFrame(rows)).set_index("arm")
+    s = R.paired_summary(pd.DataFrame(rows)).set_index("arm")
     diffs = [0.05, 0.02, 0.07]
     half = stats.t.ppf(0.975, 2) * pd.Series(diffs).std(ddof=1) / 3 ** 0.5
     got = s.loc["real+classic+sup1"]
@@ -169,14 +169,14 @@ def test_fold_interval_averages_the_seeds_of_a_fold_first():
     (n = folds), wider than the one over pairs; the sign test drops ties."""
     from scipy import stats
 
-    from pancreas_gvae.segmentation import experiment as D
+    from pancreas_gvae.segmentation import report as R
 
     diffs = {(0, 0): 0.04, (0, 1): 0.02, (1, 0): 0.06, (1, 1): 0.0, (2, 0): -0.01, (2, 1): 0.05}
     rows = []
     for (fold, seed), d in diffs.items():
         rows += [{"fraction": 0.25, "arm": "real+classic", "fold": fold, "seed": seed, "dice": 0.5},
                  {"fraction": 0.25, "arm": "real+classic+sup1", "fold": fold, "seed": seed, "dice": 0.5 + d}]
-    got = D.paired_summary(pd.DataFrame(rows)).set_index("arm").loc["real+classic+sup1"]
+    got = R.paired_summary(pd.DataFrame(rows)).set_index("arm").loc["real+classic+sup1"]
     fold_means = pd.Series([0.03, 0.03, 0.02])
     half = stats.t.ppf(0.975, 2) * fold_means.std(ddof=1) / 3 ** 0.5
     assert got["n_folds"] == 3 and got["n_pairs"] == 6
