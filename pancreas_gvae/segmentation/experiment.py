@@ -104,10 +104,29 @@ class GeneratorSpec:
 
     @property
     def key(self) -> str:
-        cfg = {k: v for k, v in self.config.items() if k != "tracking"}
+        """Hash of the patients, the seed and the settings that differ from the code's defaults (tracking
+        aside). Not of the whole config: a setting added to the code later, at a default that keeps the old
+        behaviour (as every new setting must), would otherwise orphan every generator trained before it."""
+        from pancreas_gvae.config import Config
+
+        cfg = _changed(self.config, Config().to_dict())
+        cfg.pop("tracking", None)
         text = json.dumps({"labelled": sorted(self.labelled), "unlabelled": sorted(self.unlabelled),
                            "seed": self.seed, "config": cfg}, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _changed(config: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """The entries of the nested ``config`` whose value differs from ``defaults``'."""
+    out = {}
+    for k, v in config.items():
+        d = defaults.get(k)
+        if isinstance(v, dict) and isinstance(d, dict):
+            if sub := _changed(v, d):
+                out[k] = sub
+        elif k not in defaults or v != d:
+            out[k] = v
+    return out
 
 
 def train_or_reuse_generator(spec: GeneratorSpec, prepared: Path, manifest: pd.DataFrame, cfg, root: Path, *,

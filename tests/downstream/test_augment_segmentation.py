@@ -120,6 +120,32 @@ def test_generators_see_only_their_patients_and_withheld_masks_stay_withheld(coh
         splits.check_generator_split(ckpt, splits.CaseSplit(train=split.test, test=split.train))
 
 
+def test_generator_cache_key_ignores_settings_the_code_added_later_at_their_default():
+    """A generator trained before a setting existed is the one the same config gives now if the setting is at
+    its default (every new setting keeps the old behaviour there): same key, reused. Any value that differs
+    from the default, or another patient, seed or tracking-independent setting, is another generator."""
+    import copy
+
+    from pancreas_gvae.config import load_config
+    from pancreas_gvae.segmentation import experiment as D
+
+    now = load_config(None, ["train.steps=2000", "model.latent_dim=64"]).to_dict()
+    before = copy.deepcopy(now)
+    del before["model"]["latent_prior_components"]  # the config as saved before the latent prior existed
+
+    def key(config, labelled=("P1", "P2"), seed=0):
+        return D.GeneratorSpec(labelled=list(labelled), unlabelled=[], test=["P9"], seed=seed, config=config).key
+
+    assert key(before) == key(now)
+    tracked = copy.deepcopy(now)
+    tracked["tracking"]["experiment"] = "elsewhere"
+    assert key(tracked) == key(now)
+    for change in (["train.steps=3000"], ["model.latent_prior_components=8"], []):
+        other = load_config(None, ["train.steps=2000", "model.latent_dim=64", *change]).to_dict()
+        assert (key(other) == key(now)) == (change == [])
+    assert key(now, labelled=("P1", "P3")) != key(now) and key(now, seed=1) != key(now)
+
+
 def test_patient_folds_test_every_patient_once():
     from pancreas_gvae.segmentation import experiment as D
 
