@@ -208,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
                                                     f"{args.unet_steps} steps"):
             client.log_artifact(parent_id, str(f))
         status = "FINISHED"
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (errors.Terminated): stopped, not failed
+        status = "KILLED"
+        raise
     finally:
         client.set_terminated(parent_id, status=status)
     print((args.out / "summary.md").read_text())

@@ -316,6 +316,9 @@ def main(argv: list[str] | None = None) -> int:
         for f in ("results.csv", "results.md"):
             client.log_artifact(parent_id, str(args.out / f))
         status = "FINISHED"
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (errors.Terminated): stopped, not failed
+        status = "KILLED"
+        raise
     finally:
         client.set_terminated(parent_id, status=status)
     print(md)

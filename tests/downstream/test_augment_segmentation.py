@@ -301,3 +301,24 @@ def test_cli_runs_every_arm_resumably_with_nested_mlflow_runs(cohort, tmp_path):
     assert len(generator_runs) == 6 and all(r.data.tags["mlflow.parentRunId"] in ids for r in generator_runs)
     text = str([r.data.params for r in runs]) + str([r.data.tags for r in runs])
     assert "PANCREAS_" not in text and "case_0" not in text  # case ids never reach MLflow
+
+
+def test_a_stopped_run_ends_its_mlflow_parent_killed_not_failed(cohort, tmp_path, monkeypatch):
+    """Ctrl-C (or SIGTERM, a KeyboardInterrupt here) is a stop, not a failure: exit 130, parent run KILLED."""
+    from mlflow.tracking import MlflowClient
+
+    from pancreas_gvae.pipelines import augment_segmentation
+    from pancreas_gvae.segmentation import experiment as D
+
+    def interrupted(**_):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(D, "run_group", interrupted)
+    root, _, _ = cohort
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    argv = ["--data-root", str(root / "phantom"), "--generator-steps", "2", "--fractions", "1.0", "--folds", "2",
+            "--unet-steps", "2", "--out", str(tmp_path / "out"), "--tracking-uri", uri, *TINY_GVAE]
+    assert augment_segmentation.main(argv) == 130
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("pancreas-gvae-segmentation").experiment_id])
+    assert [r.info.status for r in runs if r.data.tags.get("kind") == "downstream"] == ["KILLED"]

@@ -220,3 +220,17 @@ def test_mask_columns_of_real_slices_scored_as_samples_are_perfect():
     shuffled = test.clone()
     shuffled[:, 1] = test[torch.roll(torch.arange(n), 1), 1]
     assert mask_columns(test, shuffled, data, seed=0)["fidelity_dice"] < same["fidelity_dice"] - 0.3
+
+
+def test_a_stopped_evaluation_ends_its_mlflow_parent_killed_not_failed(tmp_path, mnist_dir, monkeypatch):
+    """Ctrl-C (or SIGTERM, a KeyboardInterrupt here) during training: exit 130, the parent run KILLED."""
+    def interrupted(*_, **__):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluate, "train_run", interrupted)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert evaluate.main(["--dataset", "mnist", "--data-dir", str(mnist_dir), "--models", "gvae", "--seeds", "0",
+                          "--out", str(tmp_path / "eval"), "--tracking-uri", uri, *TINY]) == 130
+    client = MlflowClient(uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert [r.info.status for r in runs] == ["KILLED"]
