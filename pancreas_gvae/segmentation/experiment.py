@@ -11,7 +11,8 @@ Design (each point answers a way the question could be answered wrongly):
   *semi-supervised* one on the images of every training patient with the masks of only those (the other
   patients' masks are withheld: ``CTSliceDataset(withhold_labels=...)``, so no mask loss reaches them). A
   generator never sees a test patient (``split.json`` beside it; :func:`segmentation.check_generator_split`).
-  Generators are cached by (labelled patients, unlabelled patients, seed, config): seeds and arms reuse them.
+  Generators are cached by (labelled patients, unlabelled patients, seed, settings that differ from the
+  defaults: :attr:`GeneratorSpec.key`): seeds, arms and re-runs reuse them.
 * **Arms**, one UNet recipe (same steps, batch size, learning rate, pancreas oversampling, initialisation
   seed, real slices of the labelled patients): ``real``; ``real+classic`` (MONAI RandAffined + intensity +
   noise: the baseline any reviewer asks for); ``real+classic+sup<R>`` / ``real+classic+semi<R>`` (R
