@@ -30,11 +30,12 @@ Rows are resumable: a finished (fraction, arm, fold, seed) in ``dice.csv`` is ne
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -116,6 +117,15 @@ class GeneratorSpec:
                            "seed": self.seed, "config": cfg}, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
+    def without_prior(self) -> "GeneratorSpec | None":
+        """The same generator sampling N(0, I) codes, if this one has a fitted latent prior: the two train to the
+        same weights (the prior is fitted after the steps, never trained through), so one serves both."""
+        if not self.config.get("model", {}).get("latent_prior_components"):
+            return None
+        config = copy.deepcopy(self.config)
+        config["model"]["latent_prior_components"] = 0
+        return replace(self, config=config)
+
 
 def _changed(config: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
     """The entries of the nested ``config`` whose value differs from ``defaults``'."""
@@ -138,7 +148,7 @@ def train_or_reuse_generator(spec: GeneratorSpec, prepared: Path, manifest: pd.D
     patients; its MLflow run carries counts only, never a case id."""
     from pancreas_gvae.data.ct.config import check_model_matches_data, data_config
     from pancreas_gvae.training import ct
-    from pancreas_gvae.training.run import checkpoint_path, train_run
+    from pancreas_gvae.training.run import PRIOR_FIT_IMAGES, checkpoint_path, train_run
 
     out = root / spec.key
     ckpt = checkpoint_path(out)
@@ -153,6 +163,16 @@ def train_or_reuse_generator(spec: GeneratorSpec, prepared: Path, manifest: pd.D
     batches = ct.slice_batches(prepared, restricted, data, cfg, cases=seen, withhold_labels=spec.unlabelled)
     if set(batches.dataset.case_ids) & set(spec.test):
         raise PipelineError("generator data holds a test patient")  # cannot happen; guard
+    twin = spec.without_prior()
+    if twin is not None and (root / twin.key / "done").is_file() and not ckpt.is_file():
+        splits.write_split(split, out)
+        refit_prior(checkpoint_path(root / twin.key), cfg, batches.fit_sample(PRIOR_FIT_IMAGES, cfg.train.seed),
+                    ckpt)
+        (out / "done").write_text(f"latent prior fitted to the weights of generator {twin.key}\n")
+        print(f"generator {spec.key}: the weights of {twin.key} (the same training with N(0, I) codes), a "
+              f"{cfg.model.latent_prior_components}-component latent prior fitted to them", flush=True)
+        splits.check_generator_split(ckpt, split)
+        return ckpt
     preview = ct.preview_slices(prepared, splits.restrict_manifest(manifest, spec.labelled), data,
                                 cfg.train.num_samples // 2, cfg.train.seed)
     splits.write_split(split, out)
@@ -163,6 +183,29 @@ def train_or_reuse_generator(spec: GeneratorSpec, prepared: Path, manifest: pd.D
     (out / "done").write_text("trained\n")
     splits.check_generator_split(ckpt, split)
     return ckpt
+
+
+def refit_prior(twin: Path, cfg, images: torch.Tensor, path: Path) -> Path:
+    """A checkpoint at ``path`` of ``cfg`` (a config with a latent prior) holding the weights, optimiser and EMA
+    state of ``twin`` (the same training with N(0, I) codes) and the prior fitted as training fits it: to the
+    trained encoder's codes of ``images`` (``fit_sample`` of the training slices), seeded with ``train.seed``.
+    Checked on NIH: a K = 8 generator trained from scratch has its twin's weights bit for bit."""
+    from pancreas_gvae.models.gvae import build_model
+    from pancreas_gvae.models.latent_prior import encode_codes
+    from pancreas_gvae.training.checkpoint import load_checkpoint, save_checkpoint
+
+    state = load_checkpoint(twin, map_location="cpu")
+    model = build_model(cfg.model)
+    missing, unexpected = model.load_state_dict(state["model"], strict=False)
+    if unexpected or any(".prior." not in k for k in missing):
+        raise PipelineError(f"{twin} is not the same model as the config's (besides its latent prior)")
+    prior = model.generator.prior
+    prior.fit(*encode_codes(model.encoder, images), seed=cfg.train.seed)
+    for where, prefix in (("model", "generator.prior."), ("ema", "module.prior.")):
+        state[where].update({prefix + k: v for k, v in prior.state_dict().items()})
+    state["config"] = cfg.to_dict()
+    save_checkpoint(state, path)
+    return path
 
 
 def synthetic_pool(checkpoint: Path, n: int, *, seed: int) -> S.SliceSet:

@@ -120,6 +120,43 @@ def test_generators_see_only_their_patients_and_withheld_masks_stay_withheld(coh
         splits.check_generator_split(ckpt, splits.CaseSplit(train=split.test, test=split.train))
 
 
+def test_a_latent_prior_reuses_the_weights_of_its_n01_twin_bit_for_bit(cohort, tmp_path, monkeypatch):
+    """A generator that differs from a finished one only by a fitted latent prior takes its weights and fits the
+    prior, as training from scratch would have: the same tensors, prior included, and no training."""
+    import torch
+
+    from pancreas_gvae.config import Config, deep_update
+    from pancreas_gvae.segmentation import experiment as D
+
+    root, cfg, manifest = cohort
+    cases = splits.ok_cases(manifest)
+    split = splits.CaseSplit(train=cases[:3], test=cases[3:])
+
+    def make(k: int, gen: str):
+        c = Config.from_dict(deep_update(cfg.to_dict(), {
+            "model": {"latent_prior_components": k},
+            "train": {"steps": 3, "sample_every": 1000, "checkpoint_every": 1000, "num_samples": 4},
+            "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}}))
+        spec = D.GeneratorSpec(labelled=split.train, unlabelled=[], test=split.test, seed=0, config=c.to_dict())
+        return D.train_or_reuse_generator(spec, root / "prepared", manifest, c, tmp_path / gen, tags={})
+
+    scratch = torch.load(make(2, "scratch"), map_location="cpu", weights_only=False)  # trained with the prior
+    make(0, "shared")  # the N(0, I) twin, trained
+
+    import pancreas_gvae.training.run as run_mod
+
+    def no_training(*_, **__):
+        raise AssertionError("trained again")
+
+    monkeypatch.setattr(run_mod, "train_run", no_training)
+    reused = torch.load(make(2, "shared"), map_location="cpu", weights_only=False)
+    for part in ("model", "ema"):
+        assert any(".prior." in k for k in reused[part])
+        assert reused[part].keys() == scratch[part].keys()
+        assert all(torch.equal(reused[part][k], scratch[part][k]) for k in scratch[part]), part
+    assert reused["config"]["model"]["latent_prior_components"] == 2
+
+
 def test_generator_cache_key_ignores_settings_the_code_added_later_at_their_default():
     """A generator trained before a setting existed is the one the same config gives now if the setting is at
     its default (every new setting keeps the old behaviour there): same key, reused. Any value that differs
