@@ -5,6 +5,10 @@
     python pipelines/augment_segmentation.py --data-root ../shared/data/nih-pancreas-2d --layout slices \\
         --config configs/ct_nih2d.yaml --generator-steps 2000 --fractions 0.1,0.25,0.5,1.0 --folds 3 \\
         --seeds 0 --ratios 0.5,1,2 --semi --unet-steps 2000 --out ~/pgvae-runs/downstream-nih
+    # the same generators with a fitted latent prior (issue 12): its own OUT, the run above's generator cache;
+    # no generator trains again, each only gets the prior fitted to its encoder's codes
+    python pipelines/augment_segmentation.py ...(as above)... --set model.latent_prior_components=8 \\
+        --out ~/pgvae-runs/downstream-nih-k8 --generator-cache ~/pgvae-runs/downstream-nih/generators
     # the phantom (the quick one): no --data-root
 
 Protocol (details: pancreas_gvae/segmentation/experiment.py)
@@ -13,7 +17,8 @@ Protocol (details: pancreas_gvae/segmentation/experiment.py)
   * fraction f: round(f * n_train) labelled training patients (>= 1), drawn with the seed, nested;
   * generators: supervised (those patients' slices only) and, with --semi, semi-supervised (every training
     patient's images, only those patients' masks); cached under OUT/generators/<key>, reused by arms and
-    re-runs; each one's split.json lists the patients it saw;
+    re-runs (--generator-cache shares them between OUTs; a generator that differs from a cached one only by
+    its latent prior takes its weights and fits the prior); each one's split.json lists the patients it saw;
   * arms: real | real+classic | real+classic+{sup,semi}<R> for R in --ratios | real+classic+sup1-filtered
     (pairs the real+classic UNet agrees with, Dice >= --filter-threshold) | tstr-{sup,semi}; every arm
     of a (fraction, fold, seed) has the same UNet recipe, seed and real slices;
@@ -75,6 +80,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     g.add_argument("--generator-steps", type=int, help="training steps of every generator (required)")
     g.add_argument("--semi", action="store_true", help="also semi-supervised generators (all images, few masks)")
+    g.add_argument("--generator-cache", type=Path, help="where generators are cached (default OUT/generators); "
+                   "share one between runs, e.g. a --set model.latent_prior_components=8 run in its own OUT takes "
+                   "the weights of the N(0, I) run's generators and only fits the prior")
     e = p.add_argument_group("experiment")
     e.add_argument("--fractions", type=_floats, default=[0.1, 0.25, 0.5, 1.0])
     e.add_argument("--folds", type=int, default=3)
@@ -145,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     recipe = D.Recipe(steps=args.unet_steps, batch_size=args.batch_size, lr=args.lr, pos_fraction=args.pos_fraction,
                       channels=tuple(args.unet_channels), pool_size=args.pool_size,
                       filter_threshold=args.filter_threshold)
-    path = args.out / "dice.csv"
+    path, cache = args.out / "dice.csv", args.generator_cache or args.out / "generators"
     rows = pd.read_csv(path).to_dict("records") if path.is_file() else []
     done = {(float(r["fraction"]), r["arm"], int(r["fold"]), int(r["seed"])) for r in rows}
     if rows:
@@ -194,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
                         cfg = load_config(args.config, overrides + [f"train.seed={seed}"])
                         spec = D.GeneratorSpec(labelled=labelled, unlabelled=unlabelled if mode == "semi" else [],
                                                test=split.test, seed=seed, config=cfg.to_dict())
-                        return D.train_or_reuse_generator(spec, prepared, manifest, cfg, args.out / "generators",
+                        return D.train_or_reuse_generator(spec, prepared, manifest, cfg, cache,
                                                           tags={"mlflow.parentRunId": parent_id})
 
                     arms = D.arms_for(args.ratios, semi=args.semi, fraction=fraction,

@@ -339,6 +339,21 @@ def test_cli_runs_every_arm_resumably_with_nested_mlflow_runs(cohort, tmp_path):
     text = str([r.data.params for r in runs]) + str([r.data.tags for r in runs])
     assert "PANCREAS_" not in text and "case_0" not in text  # case ids never reach MLflow
 
+    # a latent-prior run in its own OUT, sharing the generator cache: the supervised generators' weights are
+    # reused (no generator trains), each gets a fitted prior in a new cache entry
+    import pancreas_gvae.training.run as run_mod
+
+    def no_training(*_, **__):
+        raise AssertionError("a generator was trained again")
+
+    prior_argv = [a if a != str(out) else str(tmp_path / "k2") for a in argv if a != "--semi"]
+    prior_argv += ["--generator-cache", str(out / "generators"), "--set", "model.latent_prior_components=2"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(run_mod, "train_run", no_training)
+        assert augment_segmentation.main(prior_argv) == 0
+    assert len(pd.read_csv(tmp_path / "k2" / "dice.csv")) == len(df[~df["arm"].str.contains("semi")])
+    assert len(list((out / "generators").iterdir())) == 6 + 4  # per fold: f0.5 and f1.0 with a prior
+
 
 def test_a_stopped_run_ends_its_mlflow_parent_killed_not_failed(cohort, tmp_path, monkeypatch):
     """Ctrl-C (or SIGTERM, a KeyboardInterrupt here) is a stop, not a failure: exit 130, parent run KILLED."""
