@@ -303,7 +303,7 @@ def test_cli_runs_every_arm_resumably_with_nested_mlflow_runs(cohort, tmp_path):
     argv = ["--data-root", str(root / "phantom"), "--generator-steps", "2", "--semi", "--fractions", "0.5,1.0",
             "--folds", "2", "--seeds", "0", "--ratios", "1", "--unet-steps", "2", "--batch-size", "4",
             "--unet-channels", "4,8,16", "--pool-size", "16", "--filter-threshold", "0.01", "--out", str(out),
-            "--tracking-uri", uri, *TINY_GVAE]
+            "--tracking-uri", uri, *TINY_GVAE, "--set", "model.latent_prior_components=0"]  # ct_64's is 8
     assert augment_segmentation.main(argv) == 0
     df = pd.read_csv(out / "dice.csv")
     half = {"real", "real+classic", "real+classic+sup1", "real+classic+semi1", "tstr-sup", "tstr-semi"}
@@ -347,7 +347,7 @@ def test_cli_runs_every_arm_resumably_with_nested_mlflow_runs(cohort, tmp_path):
         raise AssertionError("a generator was trained again")
 
     prior_argv = [a if a != str(out) else str(tmp_path / "k2") for a in argv if a != "--semi"]
-    prior_argv += ["--generator-cache", str(out / "generators"), "--set", "model.latent_prior_components=2"]
+    prior_argv += ["--generator-cache", str(out / "generators"), "--set", "model.latent_prior_components=2"]  # last wins
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(run_mod, "train_run", no_training)
         assert augment_segmentation.main(prior_argv) == 0
