@@ -212,8 +212,9 @@ def main(argv: list[str] | None = None) -> int:
         if not rows:
             raise PipelineError("no row was produced")
         df = pd.DataFrame(rows, columns=D.COLUMNS)
-        for f in report.write_report(df, args.out, title=f"{len(folds)} fold(s) x {len(args.seeds)} seed(s), UNet "
-                                                    f"{args.unet_steps} steps"):
+        seeds = ",".join(str(v) for v in sorted(df["seed"].unique()))  # of every row, resumed ones included
+        for f in report.write_report(df, args.out, title=f"{df['fold'].nunique()} fold(s), seed(s) {seeds} "
+                                                    f"(not every arm has each), UNet {args.unet_steps} steps"):
             client.log_artifact(parent_id, str(f))
         status = "FINISHED"
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM (errors.Terminated): stopped, not failed

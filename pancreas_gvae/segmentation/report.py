@@ -161,6 +161,7 @@ def plot_dice_vs_fraction(summary: pd.DataFrame, path: Path, *, title: str = "")
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for arm, g in summary.groupby("arm", sort=False):
@@ -168,6 +169,7 @@ def plot_dice_vs_fraction(summary: pd.DataFrame, path: Path, *, title: str = "")
         ax.errorbar(g["fraction"], g["dice_mean"], yerr=g["dice_sd"].fillna(0), marker="o", capsize=3,
                     label=arm, linestyle="--" if arm.startswith("tstr") else "-")
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(NullFormatter())  # only the fractions that were run are labelled
     ax.set_xticks(sorted(summary["fraction"].unique()))
     ax.set_xticklabels([f"{f:g}" for f in sorted(summary["fraction"].unique())])
     ax.set_xlabel("fraction of labelled training patients")
