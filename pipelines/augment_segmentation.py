@@ -51,6 +51,7 @@ from pancreas_gvae.data.ct.config import check_model_matches_data, data_config, 
 from pancreas_gvae.data.ct.discovery import LAYOUTS
 from pancreas_gvae.errors import PipelineError, run_cli
 from pancreas_gvae.evaluation.heldout import prepare_cohort, prepare_main_cohort
+from pancreas_gvae.tracking.mlflow_tracker import ends_by_outcome
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -166,8 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     exp = client.get_experiment_by_name(args.experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(args.experiment)
     parent_id = client.create_run(exp_id, run_name="downstream", tags={"kind": "downstream"}).info.run_id
-    status = "FAILED"
-    try:
+    with ends_by_outcome(client, parent_id):
         _log_params(client, parent_id, {
                            "fractions": ",".join(f"{f:g}" for f in args.fractions), "folds": len(folds),
                            "seeds": ",".join(map(str, args.seeds)), "ratios": ",".join(f"{r:g}" for r in args.ratios),
@@ -216,12 +216,6 @@ def main(argv: list[str] | None = None) -> int:
         for f in report.write_report(df, args.out, title=f"{df['fold'].nunique()} fold(s), seed(s) {seeds} "
                                                     f"(not every arm has each), UNet {args.unet_steps} steps"):
             client.log_artifact(parent_id, str(f))
-        status = "FINISHED"
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (errors.Terminated): stopped, not failed
-        status = "KILLED"
-        raise
-    finally:
-        client.set_terminated(parent_id, status=status)
     print((args.out / "summary.md").read_text())
     print(f"wrote {path}, summary.csv, summary.md, dice.png and paired.png in {args.out}; MLflow parent run {parent_id} "
           f"in {tracking_uri}")

@@ -31,6 +31,7 @@ from pancreas_gvae.errors import PipelineError, run_cli
 from pancreas_gvae.evaluation.compare import evaluate_model, render_markdown, results_frame
 from pancreas_gvae.evaluation.heldout import ct_eval_data, mnist_eval_data
 from pancreas_gvae.models.latent_prior import encode_codes, prior_label, with_prior
+from pancreas_gvae.tracking.mlflow_tracker import ends_by_outcome
 from pancreas_gvae.training.run import PRIOR_FIT_IMAGES, checkpoint_path, train_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -238,10 +239,10 @@ def main(argv: list[str] | None = None) -> int:
         client.log_param(parent_id, k, str(v)[:500])
     print(f"MLflow parent run {parent_id} in {uri} (experiment {args.experiment})")
 
-    rows, status = _finished_rows(args.out / "results.csv"), "FAILED"
+    rows = _finished_rows(args.out / "results.csv")
     if rows:
         print(f"resuming: {len(rows)} finished row(s) in {args.out / 'results.csv'} are kept, not recomputed")
-    try:
+    with ends_by_outcome(client, parent_id):
         for model, seed, budget in ((m, s, b) for m in models for s in seeds for b in budgets):
             labels = {model: None, **({f"{model}@{prior_label(k, c)}": (k, c) for k, c in priors}
                                       if model != "gan" else {})}  # a GAN has no codes of training images
@@ -315,12 +316,6 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / "results.md").write_text(md)
         for f in ("results.csv", "results.md"):
             client.log_artifact(parent_id, str(args.out / f))
-        status = "FINISHED"
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (errors.Terminated): stopped, not failed
-        status = "KILLED"
-        raise
-    finally:
-        client.set_terminated(parent_id, status=status)
     print(md)
     print(f"wrote {args.out / 'results.csv'} and {args.out / 'results.md'}; MLflow parent run {parent_id}")
     return 0

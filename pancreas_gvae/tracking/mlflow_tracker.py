@@ -14,6 +14,7 @@ later one in the same OUT), tagged with the run that continued it and ended as K
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import urllib.parse
@@ -30,6 +31,21 @@ from pancreas_gvae.config import flatten
 
 # Params longer than this are cut by the tracking store; the whole config is also an artifact.
 _MAX_PARAM_LEN = 500
+
+
+@contextlib.contextmanager
+def ends_by_outcome(client: MlflowClient, run_id: str):
+    """End ``run_id`` when the block exits: FINISHED, KILLED when stopped (Ctrl-C, or SIGTERM as
+    ``errors.Terminated``: a stop, not a failure) or FAILED on an error; the exception goes on."""
+    status = "FAILED"
+    try:
+        yield
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        client.set_terminated(run_id, status=status)
 
 
 def _is_remote(uri: str) -> bool:

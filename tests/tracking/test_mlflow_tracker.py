@@ -1,3 +1,4 @@
+import contextlib
 import socket
 
 import mlflow
@@ -5,6 +6,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pancreas_gvae.tracking import MlflowTracker
+from pancreas_gvae.tracking.mlflow_tracker import ends_by_outcome
 
 
 def _free_port() -> int:
@@ -53,3 +55,15 @@ def test_server_lost_mid_run_switches_to_local_store_and_keeps_logging(tmp_path)
     assert run.data.metrics["loss"] == 2.0
     assert run.data.params["train.steps"] == "3", "the config is logged again in the fallback run"
     assert run.data.tags["replaces_run"] == first
+
+
+@pytest.mark.parametrize("raised, status", [(None, "FINISHED"), (KeyboardInterrupt, "KILLED"),
+                                            (ValueError, "FAILED")])
+def test_a_parent_run_ends_by_how_its_block_ends(tmp_path, raised, status):
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = client.create_run(client.create_experiment("e")).info.run_id
+    with pytest.raises(raised) if raised else contextlib.nullcontext():
+        with ends_by_outcome(client, run_id):
+            if raised:
+                raise raised
+    assert client.get_run(run_id).info.status == status
