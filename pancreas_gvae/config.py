@@ -35,6 +35,9 @@ class ModelConfig:
     latent_dim: int = 32
     num_res_units: int = 0  # MONAI ResidualUnits after each level
     encoder_norm: str | None = "batch"
+    # False: E reads the image channels only, not the masks. For semi-supervised training, where an unlabelled
+    # slice's all-zero mask channel ("unknown") would otherwise read to E as "no pancreas here".
+    encoder_reads_masks: bool = True
     generator_norm: str | None = "batch"
     # How G doubles its resolution: "transposed" (stride-2 transposed convolution, DCGAN) or "nearest"
     # (nearest-neighbour upsampling, then a 3x3 convolution: no checkerboard, Odena et al. 2016; ~4x the

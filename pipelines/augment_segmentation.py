@@ -16,7 +16,8 @@ Protocol (details: pancreas_gvae/segmentation/experiment.py)
     external cohort's patients, with every --data-root patient for training);
   * fraction f: round(f * n_train) labelled training patients (>= 1), drawn with the seed, nested;
   * generators: supervised (those patients' slices only) and, with --semi, semi-supervised (every training
-    patient's images, only those patients' masks); cached under OUT/generators/<key>, reused by arms and
+    patient's images, only those patients' masks; --semi-encoder image: its encoder reads the image channel
+    only, so an unlabelled slice's empty "unknown" mask never reads as "no pancreas"); cached under OUT/generators/<key>, reused by arms and
     re-runs (--generator-cache shares them between OUTs; a generator that differs from a cached one only by
     its latent prior takes its weights and fits the prior); each one's split.json lists the patients it saw;
   * arms: real | real+classic | real+classic+{sup,semi}<R> for R in --ratios | real+classic+sup1-filtered
@@ -81,6 +82,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     g.add_argument("--generator-steps", type=int, help="training steps of every generator (required)")
     g.add_argument("--semi", action="store_true", help="also semi-supervised generators (all images, few masks)")
+    g.add_argument("--semi-encoder", choices=("image+mask", "image"), default="image+mask",
+                   help="what the semi-supervised generator's encoder reads; 'image' (model.encoder_reads_masks="
+                        "false) spares it the all-zero mask of unlabelled slices. Its rows keep the arm names "
+                        "semi<R>, tstr-semi: give it its own --out")
     g.add_argument("--generator-cache", type=Path, help="where generators are cached (default OUT/generators); "
                    "share one between runs, e.g. a --set model.latent_prior_components=8 run in its own OUT takes "
                    "the weights of the N(0, I) run's generators and only fits the prior")
@@ -171,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         _log_params(client, parent_id, {
                            "fractions": ",".join(f"{f:g}" for f in args.fractions), "folds": len(folds),
                            "seeds": ",".join(map(str, args.seeds)), "ratios": ",".join(f"{r:g}" for r in args.ratios),
-                           "semi": args.semi, "filter_threshold": args.filter_threshold, "pool_size": args.pool_size,
+                           "semi": args.semi, "semi_encoder": args.semi_encoder,
+                           "filter_threshold": args.filter_threshold, "pool_size": args.pool_size,
                            "unet_steps": args.unet_steps, "batch_size": args.batch_size, "lr": args.lr,
                            "pos_fraction": args.pos_fraction, "generator_steps": args.generator_steps,
                            "generator_config": str(args.config), "n_patients": len(cases), "pixel_mm": pixel_mm,
@@ -199,7 +205,9 @@ def main(argv: list[str] | None = None) -> int:
                     unlabelled = sorted(set(split.train) - set(labelled))
 
                     def generator(mode: str, labelled=labelled, unlabelled=unlabelled, seed=seed) -> Path:
-                        cfg = load_config(args.config, overrides + [f"train.seed={seed}"])
+                        blind = mode == "semi" and args.semi_encoder == "image"
+                        cfg = load_config(args.config, overrides + [f"train.seed={seed}"]
+                                          + (["model.encoder_reads_masks=false"] if blind else []))
                         spec = D.GeneratorSpec(labelled=labelled, unlabelled=unlabelled if mode == "semi" else [],
                                                test=split.test, seed=seed, config=cfg.to_dict())
                         return D.train_or_reuse_generator(spec, prepared, manifest, cfg, cache,

@@ -53,11 +53,12 @@ def _down_path(spatial_dims: int, in_channels: int, channels: Sequence[int], *, 
 
 
 class Encoder(nn.Module):
-    """``E(x) -> (mu, logvar)``: strided convolutions, then a linear head."""
+    """``E(x) -> (mu, logvar)``: strided convolutions, then a linear head; reads the first ``in_channels`` of x."""
 
     def __init__(self, *, spatial_dims: int, in_channels: int, image_size: int, channels: Sequence[int],
                  latent_dim: int, num_res_units: int = 0, norm: str | None = "batch"):
         super().__init__()
+        self.in_channels = in_channels
         self.features = _down_path(spatial_dims, in_channels, channels, norm=norm, res_units=num_res_units)
         bottom = image_size // 2 ** len(channels)
         self.head = nn.Linear(channels[-1] * bottom**spatial_dims, 2 * latent_dim)
@@ -84,7 +85,7 @@ class Encoder(nn.Module):
             nn.init.zeros_(self.head.bias)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mu, logvar = self.head(self.features(x).flatten(1)).chunk(2, dim=1)
+        mu, logvar = self.head(self.features(x[:, :self.in_channels]).flatten(1)).chunk(2, dim=1)
         # Bounded log-variance keeps exp() finite early in training and under bf16.
         return mu, logvar.clamp(-12.0, 8.0)
 

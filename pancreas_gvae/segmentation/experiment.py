@@ -9,7 +9,9 @@ Design (each point answers a way the question could be answered wrongly):
 * **No confound.** For a labelled fraction f, ``subset_cases(train, f, seed)`` picks the labelled patients
   (nested across fractions). The *supervised* generator is trained on exactly those patients' slices; the
   *semi-supervised* one on the images of every training patient with the masks of only those (the other
-  patients' masks are withheld: ``CTSliceDataset(withhold_labels=...)``, so no mask loss reaches them). A
+  patients' masks are withheld: ``CTSliceDataset(withhold_labels=...)``, so no mask loss reaches them; with
+  ``model.encoder_reads_masks=false`` its encoder reads the images only, so the empty "unknown" mask of an
+  unlabelled slice cannot read as "no pancreas" to it either). A
   generator never sees a test patient (``split.json`` beside it; :func:`segmentation.check_generator_split`).
   Generators are cached by (labelled patients, unlabelled patients, seed, settings that differ from the
   defaults: :attr:`GeneratorSpec.key`): seeds, arms and re-runs reuse them.

@@ -18,8 +18,8 @@ CT_TINY = ["model.in_channels=2", "model.mask_channels=1", "model.image_size=16"
            "model.latent_dim=4", "train.batch_size=4"]
 
 
-def _trainer(kind):
-    cfg = load_config(overrides=CT_TINY + [f"model.kind={kind}"])
+def _trainer(kind, *extra):
+    cfg = load_config(overrides=CT_TINY + [f"model.kind={kind}", *extra])
     seed_everything(0)
     return Trainer(cfg, build_model(cfg.model), torch.device("cpu"))
 
@@ -63,6 +63,27 @@ def test_gan_leaves_unlabelled_slices_out_of_ds_real_pairs():
     c.train_step(y, has_label=torch.ones(4))  # the same slices taken as labelled do change D's update
     assert any(not torch.equal(pa, pc) for pa, pc in zip(a.model.discriminator.parameters(),
                                                          c.model.discriminator.parameters()))
+
+
+@pytest.mark.parametrize("kind", ["gvae", "vae"])
+def test_an_encoder_that_reads_no_masks_takes_nothing_from_the_unknown_mask_of_unlabelled_slices(kind):
+    """With ``model.encoder_reads_masks=false`` (the semi-supervised generator's option) batches that differ only
+    in the all-zero "unknown" mask of unlabelled slices give every parameter the same update; an encoder that
+    reads masks takes it as "no pancreas here"."""
+    x = _batch()
+    y = x.clone()
+    y[2:, 1] = 1.0 - y[2:, 1]
+    flags = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    a, b = _trainer(kind, "model.encoder_reads_masks=false"), _trainer(kind, "model.encoder_reads_masks=false")
+    assert a.model.encoder.in_channels == 1
+    a.train_step(x, has_label=flags)
+    b.train_step(y, has_label=flags)
+    for pa, pb in zip(a.model.parameters(), b.model.parameters()):
+        assert torch.equal(pa, pb)
+    c, d = _trainer(kind), _trainer(kind)  # the default encoder reads the mask channel: the updates differ
+    c.train_step(x, has_label=flags)
+    d.train_step(y, has_label=flags)
+    assert any(not torch.equal(pc, pd) for pc, pd in zip(c.model.encoder.parameters(), d.model.encoder.parameters()))
 
 
 def test_gvae_shows_d_the_reconstructed_mask_of_unlabelled_samples():
