@@ -54,9 +54,9 @@ def test_frechet_from_features():
     # fewer samples than features: singular covariances still give a finite, non-negative value
     small = torch.randn(5, 8, generator=g)
     assert math.isfinite(frechet_distance_features(small, small + 1.0))
-    # pure mean shift; the singular covariances' null-space eigenvalues come out as about +-1e-15, whose square
-    # roots (~3e-8 each) take ~1e-7 off the trace term, by an amount that depends on the CPU's LAPACK path (1.3e-7 on an Intel
-    # Xeon, under 1e-8 on an AMD EPYC): hence 1e-6, not 1e-8
+    # pure mean shift. The singular covariances' null-space eigenvalues come out as about +-1e-15, whose square
+    # roots (~3e-8 each) take ~1e-7 off the trace term, by an amount that depends on the CPU's LAPACK path
+    # (1.4e-7 on an Intel Xeon, under 1e-8 on an AMD EPYC): hence 1e-6, not 1e-8
     assert frechet_distance_features(small, small + 1.0) == pytest.approx(8.0, abs=1e-6)
     mu, cov = feature_statistics(f)
     torch.testing.assert_close(cov, torch.from_numpy(np.cov(f.double().numpy(), rowvar=False)))
