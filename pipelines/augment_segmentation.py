@@ -17,9 +17,10 @@ Protocol (details: pancreas_gvae/segmentation/experiment.py)
   * fraction f: round(f * n_train) labelled training patients (>= 1), drawn with the seed, nested;
   * generators: supervised (those patients' slices only) and, with --semi, semi-supervised (every training
     patient's images, only those patients' masks; --semi-encoder image: its encoder reads the image channel
-    only, so an unlabelled slice's empty "unknown" mask never reads as "no pancreas"); cached under OUT/generators/<key>, reused by arms and
-    re-runs (--generator-cache shares them between OUTs; a generator that differs from a cached one only by
-    its latent prior takes its weights and fits the prior); each one's split.json lists the patients it saw;
+    only, so an unlabelled slice's empty "unknown" mask never reads as "no pancreas"); cached under
+    OUT/generators/<key>, reused by arms and re-runs (--generator-cache shares them between OUTs; a generator
+    that differs from a cached one only by its latent prior takes its weights and fits the prior); each one's
+    split.json lists the patients it saw;
   * arms: real | real+classic | real+classic+{sup,semi}<R> for R in --ratios | real+classic+sup1-filtered
     (pairs the real+classic UNet agrees with, Dice >= --filter-threshold) | tstr-{sup,semi}; every arm
     of a (fraction, fold, seed) has the same UNet recipe, seed and real slices;

@@ -20,8 +20,8 @@ class GenerativeModel(nn.Module):
         self.latent_dim = cfg.latent_dim
         common = dict(spatial_dims=cfg.spatial_dims, image_size=cfg.image_size, num_res_units=cfg.num_res_units)
         self.encoder = (
-            Encoder(in_channels=cfg.in_channels - (0 if cfg.encoder_reads_masks else cfg.mask_channels), channels=cfg.channels, latent_dim=cfg.latent_dim,
-                    norm=cfg.encoder_norm, **common)
+            Encoder(in_channels=cfg.in_channels - (0 if cfg.encoder_reads_masks else cfg.mask_channels),
+                    channels=cfg.channels, latent_dim=cfg.latent_dim, norm=cfg.encoder_norm, **common)
             if cfg.kind in ("gvae", "vae") else None
         )
         self.generator = Generator(out_channels=cfg.in_channels, channels=cfg.channels, latent_dim=cfg.latent_dim,
