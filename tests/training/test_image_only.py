@@ -68,8 +68,8 @@ def test_gan_leaves_unlabelled_slices_out_of_ds_real_pairs():
 @pytest.mark.parametrize("kind", ["gvae", "vae"])
 def test_an_encoder_that_reads_no_masks_takes_nothing_from_the_unknown_mask_of_unlabelled_slices(kind):
     """With ``model.encoder_reads_masks=false`` (the semi-supervised generator's option) batches that differ only
-    in the all-zero "unknown" mask of unlabelled slices give every parameter the same update; an encoder that
-    reads masks takes it as "no pancreas here"."""
+    in the mask channel of unlabelled slices (unknown, whatever it holds) give every parameter the same update;
+    an encoder that reads masks takes that channel in (an empty one as "no pancreas here")."""
     x = _batch()
     y = x.clone()
     y[2:, 1] = 1.0 - y[2:, 1]
