@@ -71,6 +71,13 @@ class LossConfig:
     vae_likelihood: str = "bernoulli"  # bernoulli | gaussian (VAE baseline and ELBO)
     gaussian_sigma: float = 0.1
     d_gate_loss: float | None = None  # skip D's update while its loss is below this
+    # How the GVAE's D sees an image-only slice (semi-supervised training; labelled slices are unaffected):
+    # "own": with the generator's reconstructed mask (detached) as its real mask (the first semi mode; D is then
+    #   told that masks G made are real, so it cannot push back on mask artefacts);
+    # "blind": its mask channels set to "unknown" (0.5), and the reconstruction and the prior sample of the same
+    #   batch row blinded alike, so D judges (image, mask) pairs against labelled slices only and images alone on
+    #   the rest, at the same share for real and fake; no mask G made is ever shown to D as real.
+    unlabelled_masks: str = "own"
     diffaugment: str = ""  # DiffAugment policies for D, e.g. "translation,cutout,color" (pancreas_gvae/training/diffaugment.py)
 
 
@@ -157,6 +164,8 @@ class Config:
             raise PipelineError(f"loss.diffaugment: {err}") from None
         if self.loss.diffaugment and m.spatial_dims != 2:
             raise PipelineError("loss.diffaugment is implemented for 2D models (model.spatial_dims 2)")
+        if self.loss.unlabelled_masks not in ("own", "blind"):
+            raise PipelineError(f"loss.unlabelled_masks must be own or blind, got {self.loss.unlabelled_masks!r}")
         if self.loss.vae_likelihood not in ("bernoulli", "gaussian"):
             raise PipelineError(f"loss.vae_likelihood must be bernoulli or gaussian, got {self.loss.vae_likelihood!r}")
 

@@ -17,7 +17,8 @@ Protocol (details: pancreas_gvae/segmentation/experiment.py)
   * fraction f: round(f * n_train) labelled training patients (>= 1), drawn with the seed, nested;
   * generators: supervised (those patients' slices only) and, with --semi, semi-supervised (every training
     patient's images, only those patients' masks; --semi-encoder image: its encoder reads the image channel
-    only, so an unlabelled slice's empty "unknown" mask never reads as "no pancreas"); cached under
+    only, so an unlabelled slice's empty "unknown" mask never reads as "no pancreas"; --semi-d blind: its D
+    judges (image, mask) pairs against labelled slices only, images alone on the rest); cached under
     OUT/generators/<key>, reused by arms and re-runs (--generator-cache shares them between OUTs; a generator
     that differs from a cached one only by its latent prior takes its weights and fits the prior); each one's
     split.json lists the patients it saw;
@@ -87,6 +88,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="what the semi-supervised generator's encoder reads; 'image' (model.encoder_reads_masks="
                         "false) spares it the all-zero mask of unlabelled slices. Its rows keep the arm names "
                         "semi<R>, tstr-semi: give it its own --out")
+    g.add_argument("--semi-d", choices=("own", "blind"), default="own",
+                   help="how the semi-supervised generator's D sees an unlabelled slice (loss.unlabelled_masks): "
+                        "'own' with the generator's reconstructed mask as real; 'blind' with an 'unknown' mask, "
+                        "its fakes alike, so D judges masks against labelled slices only. Rows keep the arm "
+                        "names semi<R>, tstr-semi: give it its own --out (--generator-cache shares the rest)")
     g.add_argument("--generator-cache", type=Path, help="where generators are cached (default OUT/generators); "
                    "share one between runs, e.g. a --set model.latent_prior_components=8 run in its own OUT takes "
                    "the weights of the N(0, I) run's generators and only fits the prior")
@@ -178,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
                            "fractions": ",".join(f"{f:g}" for f in args.fractions), "folds": len(folds),
                            "seeds": ",".join(map(str, args.seeds)), "ratios": ",".join(f"{r:g}" for r in args.ratios),
                            "semi": args.semi, "semi_encoder": args.semi_encoder,
+                           "semi_d": args.semi_d,
                            "filter_threshold": args.filter_threshold, "pool_size": args.pool_size,
                            "unet_steps": args.unet_steps, "batch_size": args.batch_size, "lr": args.lr,
                            "pos_fraction": args.pos_fraction, "generator_steps": args.generator_steps,
@@ -206,9 +213,10 @@ def main(argv: list[str] | None = None) -> int:
                     unlabelled = sorted(set(split.train) - set(labelled))
 
                     def generator(mode: str, labelled=labelled, unlabelled=unlabelled, seed=seed) -> Path:
-                        blind = mode == "semi" and args.semi_encoder == "image"
+                        semi = (["model.encoder_reads_masks=false"] if args.semi_encoder == "image" else []) + (
+                            [f"loss.unlabelled_masks={args.semi_d}"] if args.semi_d != "own" else [])
                         cfg = load_config(args.config, overrides + [f"train.seed={seed}"]
-                                          + (["model.encoder_reads_masks=false"] if blind else []))
+                                          + (semi if mode == "semi" else []))
                         spec = D.GeneratorSpec(labelled=labelled, unlabelled=unlabelled if mode == "semi" else [],
                                                test=split.test, seed=seed, config=cfg.to_dict())
                         return D.train_or_reuse_generator(spec, prepared, manifest, cfg, cache,

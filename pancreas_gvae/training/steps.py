@@ -10,7 +10,9 @@ separately (a joint norm would let the adversarial loss rescale E's update).
 
 Image-only slices (``has_label`` 0, an all-zero mask that means "unknown") add no mask loss;
 the GVAE shows D such a slice with its own reconstructed mask (detached) instead of the empty
-one, the GAN leaves it out of D's real term, the VAE leaves its mask out of the likelihood.
+one (``loss.unlabelled_masks=own``) or with its mask channels "unknown", the fakes of its batch
+row alike (``blind``); the GAN leaves it out of D's real term, the VAE leaves its mask out of
+the likelihood.
 
 Each step returns ``(logs, codes)``: the losses as 0-d tensors (read on the host only at
 logging steps) and the latent codes G was run on, which keep the EMA generator's own
@@ -80,6 +82,22 @@ def _with_own_masks(tr: "Trainer", x: torch.Tensor, x_rec: torch.Tensor, has_lab
     return torch.cat([x[:, :-k], masks], dim=1)
 
 
+UNKNOWN_MASK = 0.5  # a blinded mask channel: neither pancreas (1) nor background (0), the same for real and fake
+
+
+def _blinded(tr: "Trainer", x: torch.Tensor, has_label: torch.Tensor | None) -> torch.Tensor:
+    """``x`` with the mask channels of the rows of image-only samples set to ``UNKNOWN_MASK``.
+
+    Applied to the real batch and to the reconstructions and prior samples of the same rows, so D sees the same
+    share of blinded pairs on both sides and cannot tell real from fake by the blinding."""
+    k = tr.cfg.model.mask_channels
+    if has_label is None or not k:
+        return x
+    keep = has_label.reshape(-1, *([1] * (x.dim() - 1))) > 0
+    masks = torch.where(keep, x[:, -k:], torch.full_like(x[:, -k:], UNKNOWN_MASK))
+    return torch.cat([x[:, :-k], masks], dim=1)
+
+
 def _aug(tr: "Trainer", x: torch.Tensor) -> torch.Tensor:
     """What D's adversarial judgement sees: ``x`` through DiffAugment (``loss.diffaugment``; identity if empty)."""
     m = tr.cfg.model
@@ -127,17 +145,20 @@ def gvae_step(tr: "Trainer", x: torch.Tensor,
         rec_logits = G(z_e)
         x_rec = torch.sigmoid(rec_logits)
         x_prior = torch.sigmoid(G(z_p))
-    x_real = _with_own_masks(tr, x, x_rec, has_label)
-    _d_update(tr, x_real, [x_rec, x_prior], logs)
+    if lc.unlabelled_masks == "blind":  # what D sees of each: real, reconstruction, prior sample
+        x_real, d_rec, d_prior = (_blinded(tr, t, has_label) for t in (x, x_rec, x_prior))
+    else:
+        x_real, d_rec, d_prior = _with_own_masks(tr, x, x_rec, has_label), x_rec, x_prior
+    _d_update(tr, x_real, [d_rec, d_prior], logs)
 
     with tr.autocast():
         feat_real, _ = D(x_real)
         if tr.diffaugment:  # features for the reconstruction loss from the images themselves
-            feat_rec, _ = D(x_rec)
-            _, logit_rec = D(_aug(tr, x_rec))
+            feat_rec, _ = D(d_rec)
+            _, logit_rec = D(_aug(tr, d_rec))
         else:
-            feat_rec, logit_rec = D(x_rec)
-        _, logit_prior = D(_aug(tr, x_prior))
+            feat_rec, logit_rec = D(d_rec)
+        _, logit_prior = D(_aug(tr, d_prior))
         recon_terms = _image_recon(tr, rec_logits, x_rec, x, has_label)
         recon_terms["recon/feature"] = lc.feature_recon * F.mse_loss(feat_rec.float(), feat_real.detach().float())
         recon = torch.stack(list(recon_terms.values())).sum()

@@ -305,7 +305,7 @@ def test_cli_runs_every_arm_resumably_with_nested_mlflow_runs(cohort, tmp_path):
             "--folds", "2", "--seeds", "0", "--ratios", "1", "--unet-steps", "2", "--batch-size", "4",
             "--unet-channels", "4,8,16", "--pool-size", "16", "--filter-threshold", "0.01", "--out", str(out),
             "--tracking-uri", uri, *TINY_GVAE, "--set", "model.latent_prior_components=0",  # ct_64's is 8
-            "--semi-encoder", "image"]
+            "--semi-encoder", "image", "--semi-d", "blind"]
     assert augment_segmentation.main(argv) == 0
     df = pd.read_csv(out / "dice.csv")
     half = {"real", "real+classic", "real+classic+sup1", "real+classic+semi1", "tstr-sup", "tstr-semi"}
@@ -321,9 +321,11 @@ def test_cli_runs_every_arm_resumably_with_nested_mlflow_runs(cohort, tmp_path):
     for g in generators:
         rec = json.loads((g / "split.json").read_text())
         assert not set(rec["train"]) & set(rec["test"])
-    reads = [torch.load(checkpoint_path(g), weights_only=False)["config"]["model"]["encoder_reads_masks"]
-             for g in generators]
+    configs = [torch.load(checkpoint_path(g), weights_only=False)["config"] for g in generators]
+    reads = [c["model"]["encoder_reads_masks"] for c in configs]
     assert sorted(reads) == [False, False, True, True, True, True]  # the two semi generators' read images only
+    d_modes = {c["model"]["encoder_reads_masks"]: c["loss"]["unlabelled_masks"] for c in configs}
+    assert d_modes == {False: "blind", True: "own"}  # --semi-d reaches the semi generators only
     summary = pd.read_csv(out / "summary.csv")
     assert {"diff_vs_real+classic", "ci95_low", "ci95_high", "n_pairs"} <= set(summary.columns)
     assert (out / "dice.png").stat().st_size > 0

@@ -95,6 +95,75 @@ def test_gvae_shows_d_the_reconstructed_mask_of_unlabelled_samples():
     assert torch.equal(out[[0, 2], 1], x[[0, 2], 1]) and torch.equal(out[[1, 3], 1], rec[[1, 3], 1])
 
 
+def _d_inputs(tr):
+    """Every tensor D is called on during ``tr``'s steps (no DiffAugment here: what D sees)."""
+    seen = []
+    tr.model.discriminator.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().clone()))
+    return seen
+
+
+def test_blind_mode_never_shows_d_a_mask_of_an_unlabelled_row():
+    """``loss.unlabelled_masks=blind``: in every D call (real, reconstruction, prior sample, features) the rows of
+    image-only slices carry the "unknown" mask and nothing else; labelled rows keep their masks, the real ones
+    the real labels. The first mode ("own") shows D the generator's own mask there as real."""
+    from pancreas_gvae.training.steps import UNKNOWN_MASK
+
+    flags = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    x = _batch()
+    tr = _trainer("gvae", "loss.unlabelled_masks=blind")
+    seen = _d_inputs(tr)
+    tr.train_step(x, has_label=flags)
+    assert len(seen) >= 5  # D: real, rec, prior; then features of real and rec, logits of prior
+    for t in seen:
+        assert torch.all(t[[1, 3], 1] == UNKNOWN_MASK)
+        assert not torch.any(t[[0, 2], 1] == UNKNOWN_MASK)  # labelled rows: masks (0/1 real, sigmoid fake)
+    assert torch.equal(seen[0][:, 0], x[:, 0]) and torch.equal(seen[0][[0, 2], 1], x[[0, 2], 1])
+
+    own = _trainer("gvae")
+    seen_own = _d_inputs(own)
+    own.train_step(x, has_label=flags)
+    real, rec = seen_own[0], seen_own[1]
+    assert torch.equal(real[[1, 3], 1], rec[[1, 3], 1]), "own mode: D's real unlabelled masks are G's"
+
+
+def test_blind_mode_changes_nothing_when_every_slice_is_labelled():
+    """The supervised generators of the downstream experiment train the same in either mode."""
+    a, b = _trainer("gvae"), _trainer("gvae", "loss.unlabelled_masks=blind")
+    for _ in range(2):
+        a.train_step(_batch(), has_label=torch.ones(4))
+        b.train_step(_batch(), has_label=torch.ones(4))
+    for pa, pb in zip(a.model.parameters(), b.model.parameters()):
+        assert torch.equal(pa, pb)
+
+
+def test_blind_mode_takes_nothing_from_the_unknown_mask_of_unlabelled_slices():
+    """With an image-only encoder, batches differing only in unlabelled rows' mask channel update nothing
+    differently in blind mode, and the image channel of an unlabelled slice still trains D."""
+    x = _batch()
+    y = x.clone()
+    y[2:, 1] = 1.0 - y[2:, 1]
+    flags = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    opts = ("model.encoder_reads_masks=false", "loss.unlabelled_masks=blind")
+    a, b = _trainer("gvae", *opts), _trainer("gvae", *opts)
+    a.train_step(x, has_label=flags)
+    b.train_step(y, has_label=flags)
+    for pa, pb in zip(a.model.parameters(), b.model.parameters()):
+        assert torch.equal(pa, pb)
+    z = x.clone()
+    z[2:, 0] = 1.0 - z[2:, 0]  # other images in the unlabelled rows: D's update differs
+    c = _trainer("gvae", *opts)
+    c.train_step(z, has_label=flags)
+    assert any(not torch.equal(pa, pc) for pa, pc in zip(a.model.discriminator.parameters(),
+                                                         c.model.discriminator.parameters()))
+
+
+def test_unknown_unlabelled_mask_mode_is_a_clear_error():
+    from pancreas_gvae.errors import PipelineError
+
+    with pytest.raises(PipelineError, match="unlabelled_masks"):
+        load_config(overrides=CT_TINY + ["loss.unlabelled_masks=maybe"])
+
+
 def test_train_ct_runs_a_cohort_mixing_labelled_and_image_only_cases(tmp_path):
     from pancreas_gvae.data.ct.phantom import make_phantom_cohort
     from pancreas_gvae.pipelines import train_ct
