@@ -101,6 +101,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     e.add_argument("--folds", type=int, default=3)
     e.add_argument("--seeds", type=_ints, default=[0])
     e.add_argument("--ratios", type=_floats, default=[0.5, 1.0, 2.0], help="synthetic slices per real one (R)")
+    e.add_argument("--arms", type=lambda t: [a.strip() for a in t.split(",") if a.strip()],
+                   help="only these arms, e.g. real+classic+semi1,tstr-semi (default: every arm that --ratios, --semi "
+                        "and --filter-threshold give); real+classic, the reference of every paired difference, "
+                        "always runs")
     e.add_argument("--filter-threshold", type=float, default=0.5, help="0: no filtered arm")
     e.add_argument("--pool-size", type=int, default=2000, help="synthetic pairs drawn per generator")
     e.add_argument("--unet-steps", type=int, help="UNet steps of every arm (a learning curve's; required)")
@@ -118,6 +122,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         return args
     if args.generator_steps is None or args.unet_steps is None:
         p.error("--generator-steps and --unet-steps are required (a learning curve's budgets)")
+    known = {a for f in args.fractions
+             for a in D.arms_for(args.ratios, semi=args.semi, fraction=f, filter_threshold=args.filter_threshold)}
+    if args.arms and set(args.arms) - known:
+        p.error(f"--arms: {', '.join(sorted(set(args.arms) - known))} is not an arm of this run; its arms: "
+                f"{', '.join(sorted(known))}")
     if min(args.ratios, default=1) <= 0 or args.unet_steps < 1 or args.batch_size < 2 or args.generator_steps < 1:
         p.error("--ratios must be > 0, --unet-steps and --generator-steps >= 1, --batch-size >= 2")
     return args
@@ -185,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
                            "seeds": ",".join(map(str, args.seeds)), "ratios": ",".join(f"{r:g}" for r in args.ratios),
                            "semi": args.semi, "semi_encoder": args.semi_encoder,
                            "semi_d": args.semi_d,
-                           "filter_threshold": args.filter_threshold, "pool_size": args.pool_size,
+                           "arms": ",".join(args.arms or ["all"]), "filter_threshold": args.filter_threshold, "pool_size": args.pool_size,
                            "unet_steps": args.unet_steps, "batch_size": args.batch_size, "lr": args.lr,
                            "pos_fraction": args.pos_fraction, "generator_steps": args.generator_steps,
                            "generator_config": str(args.config), "n_patients": len(cases), "pixel_mm": pixel_mm,
@@ -222,8 +231,9 @@ def main(argv: list[str] | None = None) -> int:
                         return D.train_or_reuse_generator(spec, prepared, manifest, cfg, cache,
                                                           tags={"mlflow.parentRunId": parent_id})
 
-                    arms = D.arms_for(args.ratios, semi=args.semi, fraction=fraction,
-                                      filter_threshold=args.filter_threshold)
+                    arms = [a for a in D.arms_for(args.ratios, semi=args.semi, fraction=fraction,
+                                                  filter_threshold=args.filter_threshold)
+                            if not args.arms or a in args.arms or a == D.BASELINE]
                     D.run_group(fraction=fraction, fold=k, seed=seed, split=split, arms=arms, done=done, load=load,
                                 test=test, generator=generator, recipe=recipe, pixel_mm=pixel_mm, on_row=on_row)
         if not rows:

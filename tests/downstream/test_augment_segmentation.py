@@ -274,6 +274,29 @@ def test_report_writes_the_tables_of_a_partial_run_and_trains_nothing(tmp_path, 
     assert "--generator-steps and --unet-steps are required" in capsys.readouterr().err
 
 
+def test_arms_option_runs_the_named_arms_and_the_reference_only(cohort, tmp_path, capsys):
+    """--arms trains only the named arms (real+classic always: every paired difference needs it); a name that is
+    not an arm of the run is a clear argument error, before anything is prepared or trained."""
+    from pancreas_gvae.pipelines import augment_segmentation
+
+    root, _, _ = cohort
+    out = tmp_path / "out"
+    argv = ["--data-root", str(root / "phantom"), "--generator-steps", "2", "--semi", "--fractions", "0.5",
+            "--folds", "2", "--seeds", "0", "--ratios", "1", "--unet-steps", "2", "--batch-size", "4",
+            "--unet-channels", "4,8,16", "--pool-size", "8", "--filter-threshold", "0", "--out", str(out),
+            "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", *TINY_GVAE,
+            "--set", "model.latent_prior_components=0"]
+    with pytest.raises(SystemExit) as err:
+        augment_segmentation.main(argv + ["--arms", "real+classic+semi2"])
+    assert err.value.code == 2 and "real+classic+semi2 is not an arm of this run" in capsys.readouterr().err
+    assert not out.exists()
+    assert augment_segmentation.main(argv + ["--arms", "real+classic+semi1"]) == 0
+    df = pd.read_csv(out / "dice.csv")
+    assert sorted(df["arm"].unique()) == ["real+classic", "real+classic+semi1"] and len(df) == 4
+    gens = [json.loads((g / "split.json").read_text()) for g in (out / "generators").iterdir()]
+    assert len(gens) == 2  # the semi generators of the two folds; no supervised one was trained
+
+
 def test_filter_keeps_the_pairs_the_judge_agrees_with():
     from pancreas_gvae.segmentation import experiment as D
 
