@@ -72,14 +72,20 @@ def _image_recon(tr: "Trainer", logits: torch.Tensor, pred: torch.Tensor, target
     return terms
 
 
-def _with_own_masks(tr: "Trainer", x: torch.Tensor, x_rec: torch.Tensor, has_label: torch.Tensor | None) -> torch.Tensor:
-    """``x`` with the mask channels of image-only samples replaced by the reconstruction's (detached)."""
+def _replace_unlabelled_masks(tr: "Trainer", x: torch.Tensor, has_label: torch.Tensor | None,
+                              by: torch.Tensor | float) -> torch.Tensor:
+    """``x`` with the mask channels of image-only samples (``has_label`` 0) replaced by ``by``."""
     k = tr.cfg.model.mask_channels
     if has_label is None or not k:
         return x
     keep = has_label.reshape(-1, *([1] * (x.dim() - 1))) > 0
-    masks = torch.where(keep, x[:, -k:], x_rec[:, -k:].detach().to(x.dtype))
-    return torch.cat([x[:, :-k], masks], dim=1)
+    return torch.cat([x[:, :-k], torch.where(keep, x[:, -k:], by)], dim=1)
+
+
+def _with_own_masks(tr: "Trainer", x: torch.Tensor, x_rec: torch.Tensor, has_label: torch.Tensor | None) -> torch.Tensor:
+    """``x`` with the mask channels of image-only samples replaced by the reconstruction's (detached)."""
+    k = tr.cfg.model.mask_channels
+    return _replace_unlabelled_masks(tr, x, has_label, x_rec[:, -k:].detach().to(x.dtype) if k else 0.0)
 
 
 UNKNOWN_MASK = 0.5  # a blinded mask channel: neither pancreas (1) nor background (0), the same for real and fake
@@ -90,12 +96,7 @@ def _blinded(tr: "Trainer", x: torch.Tensor, has_label: torch.Tensor | None) -> 
 
     Applied to the real batch and to the reconstructions and prior samples of the same rows, so D sees the same
     share of blinded pairs on both sides and cannot tell real from fake by the blinding."""
-    k = tr.cfg.model.mask_channels
-    if has_label is None or not k:
-        return x
-    keep = has_label.reshape(-1, *([1] * (x.dim() - 1))) > 0
-    masks = torch.where(keep, x[:, -k:], torch.full_like(x[:, -k:], UNKNOWN_MASK))
-    return torch.cat([x[:, :-k], masks], dim=1)
+    return _replace_unlabelled_masks(tr, x, has_label, UNKNOWN_MASK)
 
 
 def _aug(tr: "Trainer", x: torch.Tensor) -> torch.Tensor:
