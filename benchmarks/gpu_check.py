@@ -279,7 +279,8 @@ def _child_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                         "MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID")}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+    # No repository root on PYTHONPATH: its pancreas_gvae/ would shadow the installed package, which alone maps
+    # transforms/ and pipelines/ into it (a non-editable install, as in docker/, failed the torchrun run so).
     env["PYTHONUNBUFFERED"] = "1"
     if sys.platform.startswith("linux"):
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # one node, no network needed

@@ -10,6 +10,8 @@
     python pipelines/augment_segmentation.py ...(as above)... --set model.latent_prior_components=8 \\
         --out ~/pgvae-runs/downstream-nih-k8 --generator-cache ~/pgvae-runs/downstream-nih/generators
     # the phantom (the quick one): no --data-root
+    # a GPU server: one process per (fraction, seed, fold), side by side, each with its own --out and
+    # --tracking-uri: add --fractions F --seeds S --only-folds K; merge their dice.csv files, then --report
 
 Protocol (details: pancreas_gvae/segmentation/experiment.py)
   * patients are cut into --folds seeded folds; each fold is the test set once (or: --test-data-root, an
@@ -99,6 +101,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     e = p.add_argument_group("experiment")
     e.add_argument("--fractions", type=_floats, default=[0.1, 0.25, 0.5, 1.0])
     e.add_argument("--folds", type=int, default=3)
+    e.add_argument("--only-folds", type=_ints, help="run only these folds (0-based) of the --folds split, e.g. one "
+                                                    "fold per process on a GPU server, each into its own --out")
     e.add_argument("--seeds", type=_ints, default=[0])
     e.add_argument("--ratios", type=_floats, default=[0.5, 1.0, 2.0], help="synthetic slices per real one (R)")
     e.add_argument("--arms", type=lambda t: [a.strip() for a in t.split(",") if a.strip()],
@@ -129,6 +133,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                 f"{', '.join(sorted(known))}")
     if min(args.ratios, default=1) <= 0 or args.unet_steps < 1 or args.batch_size < 2 or args.generator_steps < 1:
         p.error("--ratios must be > 0, --unet-steps and --generator-steps >= 1, --batch-size >= 2")
+    n_folds = 1 if args.test_data_root is not None else args.folds
+    if args.only_folds and not set(args.only_folds) <= set(range(n_folds)):
+        p.error(f"--only-folds: {args.only_folds} must be among 0..{n_folds - 1} (the run has {n_folds} fold(s))")
     return args
 
 
@@ -191,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     with ends_by_outcome(client, parent_id):
         _log_params(client, parent_id, {
                            "fractions": ",".join(f"{f:g}" for f in args.fractions), "folds": len(folds),
+                           "only_folds": ",".join(map(str, args.only_folds or [])) or "all",
                            "seeds": ",".join(map(str, args.seeds)), "ratios": ",".join(f"{r:g}" for r in args.ratios),
                            "semi": args.semi, "semi_encoder": args.semi_encoder,
                            "semi_d": args.semi_d, "arms": ",".join(args.arms or ["all"]),
@@ -215,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{row['n_synthetic']} synthetic -> Dice {row['dice']:.3f} ({row['seconds']:.0f} s)", flush=True)
 
         for k, split in enumerate(folds):
+            if args.only_folds and k not in args.only_folds:
+                continue
             test = load_test(split)
             for fraction in args.fractions:
                 for seed in args.seeds:

@@ -137,3 +137,13 @@ def test_cpu_mode_with_torchrun_kill_and_resume(tmp_path):
     assert "resumed with --resume to step 4, exit 0" in line
     assert "same before and after (1 run, FINISHED): ok" in line
     assert not list(tmp_path.glob("gpu_check_*")), "the work folder of a passing run is removed"
+
+
+def test_children_import_the_installed_package_not_the_source_folder(gpu_check, monkeypatch):
+    """The repository root on a child's PYTHONPATH would shadow the installed package with the bare source folder,
+    which lacks pancreas_gvae.transforms (only an install maps transforms/ into the package): on the first GPU run,
+    from a wheel install, the torchrun child died of that import. Only a non-editable install shows it, so: a guard."""
+    monkeypatch.setenv("PYTHONPATH", "/opt/site")
+    assert gpu_check._child_env()["PYTHONPATH"].split(os.pathsep) == ["/opt/site"]
+    monkeypatch.delenv("PYTHONPATH")
+    assert str(REPO) not in gpu_check._child_env().get("PYTHONPATH", "").split(os.pathsep)

@@ -274,9 +274,10 @@ def test_report_writes_the_tables_of_a_partial_run_and_trains_nothing(tmp_path, 
     assert "--generator-steps and --unet-steps are required" in capsys.readouterr().err
 
 
-def test_arms_option_runs_the_named_arms_and_the_reference_only(cohort, tmp_path, capsys):
-    """--arms trains only the named arms (real+classic always: every paired difference needs it); a name that is
-    not an arm of the run is a clear argument error, before anything is prepared or trained."""
+def test_arms_and_only_folds_options_run_what_they_name(cohort, tmp_path, capsys):
+    """--arms trains only the named arms (real+classic always: every paired difference needs it); --only-folds only
+    the named folds, and a later run adds the others; a name or fold that is not one of the run is a clear argument
+    error, before anything is prepared or trained."""
     from pancreas_gvae.pipelines import augment_segmentation
 
     root, _, _ = cohort
@@ -290,7 +291,15 @@ def test_arms_option_runs_the_named_arms_and_the_reference_only(cohort, tmp_path
         augment_segmentation.main(argv + ["--arms", "real+classic+semi2"])
     assert err.value.code == 2 and "real+classic+semi2 is not an arm of this run" in capsys.readouterr().err
     assert not out.exists()
+    with pytest.raises(SystemExit) as err:
+        augment_segmentation.main(argv + ["--only-folds", "2"])
+    assert err.value.code == 2 and "--only-folds: [2] must be among 0..1" in capsys.readouterr().err
+    assert not out.exists()
+    # one fold per process (as on a GPU server), then the rest: the second run keeps fold 1's rows
+    assert augment_segmentation.main(argv + ["--arms", "real+classic+semi1", "--only-folds", "1"]) == 0
+    assert set(pd.read_csv(out / "dice.csv")["fold"]) == {1} and len(list((out / "generators").iterdir())) == 1
     assert augment_segmentation.main(argv + ["--arms", "real+classic+semi1"]) == 0
+    assert "resuming: 2 finished row(s)" in capsys.readouterr().out
     df = pd.read_csv(out / "dice.csv")
     assert sorted(df["arm"].unique()) == ["real+classic", "real+classic+semi1"] and len(df) == 4
     gens = list((out / "generators").iterdir())
