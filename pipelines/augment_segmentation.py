@@ -9,7 +9,14 @@
     # no generator trains again, each only gets the prior fitted to its encoder's codes
     python pipelines/augment_segmentation.py ...(as above)... --set model.latent_prior_components=8 \\
         --out ~/pgvae-runs/downstream-nih-k8 --generator-cache ~/pgvae-runs/downstream-nih/generators
-    # the phantom (the quick one): no --data-root
+    # the phantom (the quick one): no --data-root; 12 cases at 256 px seen as the NIH slices are (1 mm cache,
+    # a 102.4 mm window on the pancreas: 1.6 mm per pixel); at ct_64's 5 mm per pixel a UNet never finds it
+    python pipelines/augment_segmentation.py --set data.phantom.size=256 --set data.phantom.cases=12 \\
+        --set 'data.ct.preprocess.spacing=[1.0,1.0,null]' --set data.ct.sampling.fov_mm=102.4 \\
+        --set data.ct.sampling.centre=pancreas --set data.ct.sampling.centre_jitter_mm=10 \\
+        --generator-steps 1500 --fractions 0.1,0.25 --seeds 0 --ratios 1 --filter-threshold 0 --semi \\
+        --semi-encoder image --semi-d blind --arms real,real+classic+semi1 --unet-steps 1000 \\
+        --out ~/pgvae-runs/downstream-phantom
     # a GPU server: one process per (fraction, seed, fold), side by side, each with its own --out and
     # --tracking-uri: add --fractions F --seeds S --only-folds K; merge their dice.csv files, then --report
 
