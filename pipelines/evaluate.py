@@ -173,22 +173,34 @@ def _compare_grids(data, models: list[str], seed: int, budget: int, out: Path) -
     return save_png(side_by_side(panels), out / f"grid-{budget}.png")
 
 
+def learning_curves(frame, metric: str) -> dict[str, tuple[list[int], list[float]]]:
+    """``metric`` against training steps, one line per model and seed ("gvae s0").
+
+    Per seed, not a mean over seeds: a curve is often run on one seed and only its last budget on three, and a mean
+    per budget would then join a one-seed point to a three-seed point as if they were one curve."""
+    curves = {}
+    for (model, seed), g in frame.groupby(["model", "seed"], sort=False):
+        m = g.set_index("steps")[metric].sort_index().dropna()
+        if len(m):
+            curves[f"{model} s{seed}"] = ([int(x) for x in m.index], m.tolist())
+    return curves
+
+
 def _plot_learning_curves(frame, out: Path) -> list[Path]:
-    """OUT/curve-<metric>.png: each model's mean over seeds against training steps."""
+    """OUT/curve-<metric>.png: each model's seeds against training steps (a colour per model, a marker per seed)."""
     from pancreas_gvae.evaluation.compare import plot_curves
 
+    colours = {m: f"C{i}" for i, m in enumerate(dict.fromkeys(frame["model"]))}
+    markers = {s: "osD^v<>"[i % 7] for i, s in enumerate(sorted(set(frame["seed"])))}
+    styles = {f"{m} s{s}": {"color": colours[m], "marker": markers[s]} for m in colours for s in markers}
     paths = []
     for metric in ("fid_feature", "kid_feature", "recall", "precision", "fidelity_dice", "tstr_ratio",
                    "mmd2_feature"):
         if metric not in frame or frame[metric].isna().all():
             continue
-        curves = {}
-        for model, g in frame.groupby("model", sort=False):
-            m = g.groupby("steps")[metric].mean().dropna()
-            if len(m):
-                curves[str(model)] = (m.index.tolist(), m.tolist())
-        paths.append(plot_curves(curves, out / f"curve-{metric}.png", xlabel="training steps", ylabel=metric,
-                                 title=f"{metric}: mean over seeds"))
+        paths.append(plot_curves(learning_curves(frame, metric), out / f"curve-{metric}.png",
+                                 xlabel="training steps", ylabel=metric, title=f"{metric}: one line per seed",
+                                 styles=styles))
     return paths
 
 

@@ -363,8 +363,9 @@ def render_markdown(frame: pd.DataFrame, *, title: str = "Results", notes: list[
 
 
 def plot_curves(curves: dict[str, tuple[list[float], list[float]]], path: str | Path, *, xlabel: str, ylabel: str,
-                title: str = "") -> Path:
-    """One line per entry of ``curves`` (label -> (x, y)): a learning curve as PNG."""
+                title: str = "", styles: dict[str, dict] | None = None) -> Path:
+    """One line per entry of ``curves`` (label -> (x, y)): a learning curve as PNG; ``styles`` gives matplotlib
+    keywords per label (colour, marker)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -372,7 +373,7 @@ def plot_curves(curves: dict[str, tuple[list[float], list[float]]], path: str | 
 
     fig, ax = plt.subplots(figsize=(5, 3.6))
     for label, (x, y) in curves.items():
-        ax.plot(x, y, marker="o", markersize=3, label=label)
+        ax.plot(x, y, **{"marker": "o", **(styles or {}).get(label, {})}, markersize=3, label=label)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)

@@ -95,6 +95,16 @@ def test_several_budgets_give_a_learning_curve_from_one_training(tmp_path, mnist
     assert evaluate.main([a if a != "2,4" else "3" for a in argv]) != 0
 
 
+def test_learning_curves_keep_seeds_apart():
+    """A curve on seed 0 and a last budget on three seeds: one line per seed, never a mean that joins a one-seed
+    point to a three-seed point."""
+    frame = pd.DataFrame({"model": ["gvae"] * 4 + ["gan"], "seed": [0, 0, 1, 2, 0],
+                          "steps": [750, 1500, 1500, 1500, 750], "fid_feature": [2.0, 1.0, 3.0, 5.0, 4.0]})
+    curves = evaluate.learning_curves(frame, "fid_feature")
+    assert curves == {"gvae s0": ([750, 1500], [2.0, 1.0]), "gvae s1": ([1500], [3.0]),
+                      "gvae s2": ([1500], [5.0]), "gan s0": ([750], [4.0])}
+
+
 @pytest.mark.slow
 def test_priors_score_one_checkpoint_under_several_latent_priors(tmp_path, mnist_dir):
     """--priors: each GVAE checkpoint is scored again, same weights, with codes from N(0, I) and a fitted mixture;
