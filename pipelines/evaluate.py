@@ -9,7 +9,9 @@
 
 Every model is trained by ``train_run`` (same steps, batch size and config; one MLflow run each),
 nested under one parent MLflow run ("evaluation") that holds the results table. Writes
-OUT/results.csv (one row per model and seed) and OUT/results.md (mean ± sd per model, best marked).
+OUT/results.csv (one row per model, seed and budget), OUT/results.md (mean ± sd per model and budget, best
+marked, then every run), OUT/grid-<budget>-s<seed>.png (held-out | each model's prior samples) and, for several
+budgets, OUT/curve-<metric>.png. ``--report`` re-writes results.md and the curves from results.csv alone.
 Metric definitions and what each is computed on: ``pancreas_gvae/evaluation/compare.py``.
 """
 
@@ -40,10 +42,10 @@ EXPERIMENT = "pancreas-gvae-evaluation"
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", choices=["mnist", "fashion-mnist", "ct"], required=True)
+    p.add_argument("--dataset", choices=["mnist", "fashion-mnist", "ct"], help="required unless --report")
     p.add_argument("--models", default="gvae,vae,gan", help="comma-separated subset of " + ",".join(MODEL_KINDS))
     p.add_argument("--seeds", default="0", help="comma-separated training seeds")
-    p.add_argument("--steps", required=True, help="training steps, the same for every model; several budgets "
+    p.add_argument("--steps", help="training steps, the same for every model (required unless --report); several budgets "
                    "(1000,2000,4000) give a learning curve: each model trains on to the next budget from its "
                    "checkpoint and is scored at every one (a table per budget, OUT/curve-*.png)")
     p.add_argument("--batch-size", type=int)
@@ -80,7 +82,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "full, tied, diag, spherical); extra rows '<model>@<prior>' (encoder columns blank there: "
                    "they do not depend on the prior)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    return p.parse_args(argv)
+    p.add_argument("--report", action="store_true", help="train and score nothing: write OUT/results.md (mean ± sd "
+                   "per budget, then every run) and the learning curves from the rows of OUT/results.csv, e.g. "
+                   "after appending the rows of seeds run elsewhere")
+    p.add_argument("--columns", help="with --report: only these metric columns, comma-separated (fid_feature,"
+                   "kid_feature,...), in results.md and printed")
+    args = p.parse_args(argv)
+    if not args.report and (args.dataset is None or args.steps is None):
+        p.error("--dataset and --steps are required (or --report)")
+    return args
 
 
 def _ints(text: str) -> list[int]:
@@ -157,7 +167,7 @@ def _save_sample_grid(generator, latent_dim: int, mask_channels: int, seed: int,
 
 
 def _compare_grids(data, models: list[str], seed: int, budget: int, out: Path) -> Path | None:
-    """OUT/grid-<budget>.png: held-out real slices next to each model's prior samples (first seed)."""
+    """OUT/grid-<budget>-s<seed>.png: held-out real slices next to each model's prior samples of this seed."""
     import numpy as np
     from PIL import Image
 
@@ -170,7 +180,7 @@ def _compare_grids(data, models: list[str], seed: int, budget: int, out: Path) -
             panels[f"{model.upper()} ({budget} steps)"] = np.asarray(Image.open(path).convert("RGB"))
     if len(panels) == 1:
         return None
-    return save_png(side_by_side(panels), out / f"grid-{budget}.png")
+    return save_png(side_by_side(panels), out / f"grid-{budget}-s{seed}.png")
 
 
 def learning_curves(frame, metric: str) -> dict[str, tuple[list[int], list[float]]]:
@@ -214,9 +224,39 @@ def _log_child(client, run_id: str, row: dict, prefix: str = "eval") -> None:
     client.log_batch(run_id, metrics=metrics)
 
 
+def _write_report(frame, out: Path, title: str, notes: list[str],
+                  columns: list[str] | None = None) -> tuple[str, list[Path]]:
+    """OUT/results.md (mean ± sd per model and budget, then every run) and, for several budgets, the curves."""
+    curves = _plot_learning_curves(frame, out) if frame["steps"].nunique() > 1 else []
+    md = render_markdown(frame, title=title, notes=notes, columns=columns, runs=True)
+    (out / "results.md").write_text(md)
+    return md, curves
+
+
+def _report(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from pancreas_gvae.evaluation.compare import METRIC_COLUMNS
+
+    path = args.out / "results.csv"
+    if not path.is_file():
+        raise PipelineError(f"--report: no {path}: run the evaluation first")
+    columns = [c.strip() for c in args.columns.split(",") if c.strip()] if args.columns else None
+    if columns and set(columns) - set(METRIC_COLUMNS):
+        raise PipelineError(f"--columns: unknown {sorted(set(columns) - set(METRIC_COLUMNS))}; "
+                            f"choose from {', '.join(METRIC_COLUMNS)}")
+    frame = results_frame(pd.read_csv(path).to_dict("records"))
+    md, _ = _write_report(frame, args.out, f"Evaluation: {args.out.name}",
+                          [f"rows of {path}: {len(frame)}"], columns)
+    print(md)
+    return 0
+
+
 @run_cli
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.report:
+        return _report(args)
     models, seeds, budgets = _models(args.models), _ints(args.seeds), sorted(set(_ints(args.steps)))
     priors = _priors(args.priors)
     if not seeds:
@@ -316,16 +356,14 @@ def main(argv: list[str] | None = None) -> int:
                 frame = results_frame(rows)
                 write_csv(frame, args.out / "results.csv")  # the partial table survives an interruption
         frame = results_frame(rows)
-        for budget in budgets:
-            grid = _compare_grids(data, list(dict.fromkeys(r["model"] for r in rows)), seeds[0], budget, args.out)
+        for seed, budget in ((s, b) for s in seeds for b in budgets):
+            grid = _compare_grids(data, list(dict.fromkeys(r["model"] for r in rows)), seed, budget, args.out)
             if grid is not None:
                 client.log_artifact(parent_id, str(grid))
-        if frame["steps"].nunique() > 1:
-            for path in _plot_learning_curves(frame, args.out):
-                client.log_artifact(parent_id, str(path))
         notes = [f"{k}: {v}" for k, v in params.items()]
-        md = render_markdown(frame, title=f"Evaluation: {data.dataset}", notes=notes)
-        (args.out / "results.md").write_text(md)
+        md, curves = _write_report(frame, args.out, f"Evaluation: {data.dataset}", notes)
+        for path in curves:
+            client.log_artifact(parent_id, str(path))
         for f in ("results.csv", "results.md"):
             client.log_artifact(parent_id, str(args.out / f))
     print(md)

@@ -326,8 +326,12 @@ def _fmt(x: float) -> str:
     return f"{x:.4f}" if a < 1 else f"{x:.3f}"
 
 
-def render_markdown(frame: pd.DataFrame, *, title: str = "Results", notes: list[str] | None = None) -> str:
-    """results.md: one table per dataset, rows = models, cells ``mean ± sd (n)``, best per column in bold."""
+def render_markdown(frame: pd.DataFrame, *, title: str = "Results", notes: list[str] | None = None,
+                    columns: list[str] | None = None, runs: bool = False) -> str:
+    """results.md: one table per dataset, rows = models, cells ``mean ± sd (n)``, best per column in bold;
+    ``columns``: only these metric columns (default: every one with a value); ``runs``: then every run as a row
+    (:func:`render_runs`)."""
+    specs = _metric_specs(columns)
     summary = summarise(frame)
     best = best_per_column(summary)
     lines = [f"# {title}", ""]
@@ -337,10 +341,10 @@ def render_markdown(frame: pd.DataFrame, *, title: str = "Results", notes: list[
     lines += [f"- {n}" for n in (notes or [])]
     if notes:
         lines.append("")
-    directions = ", ".join(f"{m.column} {'↑' if m.higher_is_better else '↓'}" for m in METRICS)
+    directions = ", ".join(f"{m.column} {'↑' if m.higher_is_better else '↓'}" for m in specs)
     lines += [f"Directions: {directions}.", ""]
     for dataset, g in summary.groupby("dataset", sort=False):
-        cols = [m for m in METRICS if g[f"{m.column}:n"].sum() > 0]
+        cols = [m for m in specs if g[f"{m.column}:n"].sum() > 0]
         lines += [f"## {dataset}", ""]
         header = ["model", "seeds"] + [f"{m.column} {'↑' if m.higher_is_better else '↓'}" for m in cols]
         lines.append("| " + " | ".join(header) + " |")
@@ -359,6 +363,39 @@ def render_markdown(frame: pd.DataFrame, *, title: str = "Results", notes: list[
                 cells.append(cell)
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+    if runs:
+        lines += [render_runs(frame, columns=columns), ""]
+    return "\n".join(lines)
+
+
+def _metric_specs(columns: list[str] | None) -> list[MetricSpec]:
+    if columns is None:
+        return list(METRICS)
+    by_name = {m.column: m for m in METRICS}
+    unknown = [c for c in columns if c not in by_name]
+    if unknown:
+        raise ValueError(f"unknown metric column(s) {unknown}; known: {', '.join(by_name)}")
+    return [by_name[c] for c in columns]
+
+
+def render_runs(frame: pd.DataFrame, *, columns: list[str] | None = None) -> str:
+    """Every run as one row: model, seed, steps, cumulative training seconds and the metric columns (``columns``,
+    default every one with a value), sorted by dataset and model (first seen first), seed and steps, so a learning
+    curve and its seeds read down the table as they were measured."""
+    specs = [m for m in _metric_specs(columns) if m.column in frame and frame[m.column].notna().any()]
+    frame = frame.copy()
+    for c in ("dataset", "model"):
+        frame[f"_{c}_order"] = frame[c].map({v: i for i, v in enumerate(dict.fromkeys(frame[c]))})
+    frame = frame.sort_values([c for c in ("_dataset_order", "_model_order", "seed", "steps") if c in frame],
+                              kind="stable")
+    ids = [c for c in ("dataset", "model", "seed", "steps", "train_seconds_cum") if c in frame]
+    header = ids + [f"{m.column} {'↑' if m.higher_is_better else '↓'}" for m in specs]
+    lines = ["## Every run", "", "| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+    for _, r in frame.iterrows():
+        cells = [str(r[c]) if c in ("dataset", "model") else
+                 (f"{float(r[c]):.0f}" if pd.notna(r[c]) else "") for c in ids]
+        cells += [_fmt(float(r[m.column])) for m in specs]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

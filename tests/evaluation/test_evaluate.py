@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pancreas_gvae.evaluation.compare import COLUMNS, METRICS, best_per_column, render_markdown, summarise
+from pancreas_gvae.evaluation.compare import (COLUMNS, METRICS, best_per_column, render_markdown, render_runs,
+                                              summarise)
 from pancreas_gvae.pipelines import evaluate
 
 ENCODER_ONLY = [m.column for m in METRICS if m.encoder_only]
@@ -81,7 +82,7 @@ def test_several_budgets_give_a_learning_curve_from_one_training(tmp_path, mnist
     assert "## mnist, 2 steps" in md and "## mnist, 4 steps" in md
     assert (out / "curve-fid_feature.png").is_file()
     from PIL import Image
-    grids = [Image.open(out / f"grid-{n}.png") for n in (2, 4)]  # real | GVAE | GAN at each budget
+    grids = [Image.open(out / f"grid-{n}-s0.png") for n in (2, 4)]  # real | GVAE | GAN at each budget
     assert all(g.width > 2.5 * g.height for g in grids)
     run = MlflowClient(tracking_uri=uri).get_metric_history(frame["run_id"].iloc[0], "eval/fid_feature")
     assert sorted(m.step for m in run) == [2, 4]
@@ -93,6 +94,17 @@ def test_several_budgets_give_a_learning_curve_from_one_training(tmp_path, mnist
     assert "## mnist, 2 steps" in (out / "results.md").read_text()
     # a budget below what a run already trained is refused in one line, not silently mislabelled
     assert evaluate.main([a if a != "2,4" else "3" for a in argv]) != 0
+    # --report: results.md and the curves again from results.csv alone (nothing trained), narrowed to two columns
+    (out / "results.md").unlink()
+    (out / "curve-fid_feature.png").unlink()
+    assert evaluate.main(["--report", "--out", str(out), "--columns", "fid_feature,recall"]) == 0
+    md = (out / "results.md").read_text()
+    runs = md.split("## Every run")[1]
+    assert "## mnist, 4 steps" in md and runs.count("| mnist |") == 4 and "kid_feature" not in md
+    assert (out / "curve-fid_feature.png").is_file()
+    pd.testing.assert_frame_equal(pd.read_csv(out / "results.csv"), frame)
+    assert evaluate.main(["--report", "--out", str(out), "--columns", "fid"]) != 0  # a clear error, no trace
+    assert evaluate.main(["--report", "--out", str(tmp_path / "none")]) != 0
 
 
 def test_learning_curves_keep_seeds_apart():
@@ -198,6 +210,20 @@ def test_results_md_marks_best_with_mean_sd_and_n():
     assert line["vae"][ssim].strip().startswith("**0.7000") and line["gan"][ssim].strip() == ""
     assert "elbo_nats" not in mnist  # columns without any value are left out
     assert "↑" in md and "↓" in md and rows
+
+
+def test_every_run_table_lists_each_row_in_curve_order_with_blanks():
+    frame = _hand_made().assign(steps=100, train_seconds_cum=12.4)
+    runs = render_runs(frame, columns=["mmd2_pixel", "recon_ssim"])
+    lines = [ln.split("|")[1:-1] for ln in runs.splitlines() if ln.startswith("| ")]
+    header, body = [c.strip() for c in lines[0]], [[c.strip() for c in ln] for ln in lines[1:]]
+    assert header == ["dataset", "model", "seed", "steps", "train_seconds_cum", "mmd2_pixel ↓", "recon_ssim ↑"]
+    assert [(r[0], r[1], r[2]) for r in body] == [("mnist", "gvae", "0"), ("mnist", "gvae", "1"), ("mnist", "vae", "0"),
+                                                  ("mnist", "vae", "1"), ("mnist", "gan", "0"), ("mnist", "gan", "1"),
+                                                  ("ct", "vae", "0"), ("ct", "gan", "0")]  # one model order
+    assert body[0][3:] == ["100", "12", "0.1000", "0.5000"] and body[4][-1] == ""  # the GAN's blank stays blank
+    with pytest.raises(ValueError, match="unknown metric"):
+        render_runs(frame, columns=["fid"])
 
 
 def test_mask_columns_of_real_slices_scored_as_samples_are_perfect():
