@@ -30,8 +30,9 @@ from pancreas_gvae.atomic import write_csv
 from pancreas_gvae.config import MODEL_KINDS, load_config
 from pancreas_gvae.data.ct.discovery import LAYOUTS
 from pancreas_gvae.errors import PipelineError, run_cli
-from pancreas_gvae.evaluation.compare import evaluate_model, render_markdown, results_frame
+from pancreas_gvae.evaluation.compare import evaluate_model
 from pancreas_gvae.evaluation.heldout import ct_eval_data, mnist_eval_data
+from pancreas_gvae.evaluation.tables import render_markdown, results_frame
 from pancreas_gvae.models.latent_prior import encode_codes, prior_label, with_prior
 from pancreas_gvae.tracking.mlflow_tracker import ends_by_outcome
 from pancreas_gvae.training.run import PRIOR_FIT_IMAGES, checkpoint_path, train_run
@@ -198,7 +199,7 @@ def learning_curves(frame, metric: str) -> dict[str, tuple[list[int], list[float
 
 def _plot_learning_curves(frame, out: Path) -> list[Path]:
     """OUT/curve-<metric>.png: each model's seeds against training steps (a colour per model, a marker per seed)."""
-    from pancreas_gvae.evaluation.compare import plot_curves
+    from pancreas_gvae.evaluation.tables import plot_curves
 
     colours = {m: f"C{i}" for i, m in enumerate(dict.fromkeys(frame["model"]))}
     markers = {s: "osD^v<>"[i % 7] for i, s in enumerate(sorted(set(frame["seed"])))}

@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     import mlflow
 
     from pancreas_gvae.training import ct
-    from pancreas_gvae.evaluation.compare import plot_curves
+    from pancreas_gvae.evaluation.tables import plot_curves
 
     args = parse_args(argv)
     arms = [a for a in args.augment.split(",") if a]

@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pancreas_gvae.evaluation.compare import (COLUMNS, METRICS, best_per_column, render_markdown, render_runs,
-                                              summarise)
+from pancreas_gvae.evaluation.compare import COLUMNS, METRICS
+from pancreas_gvae.evaluation.tables import best_per_column, render_markdown, render_runs, summarise
 from pancreas_gvae.pipelines import evaluate
 
 ENCODER_ONLY = [m.column for m in METRICS if m.encoder_only]
