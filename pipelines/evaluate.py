@@ -197,8 +197,9 @@ def learning_curves(frame, metric: str) -> dict[str, tuple[list[int], list[float
     return curves
 
 
-def _plot_learning_curves(frame, out: Path) -> list[Path]:
-    """OUT/curve-<metric>.png: each model's seeds against training steps (a colour per model, a marker per seed)."""
+def _plot_learning_curves(frame, out: Path, columns: list[str] | None = None) -> list[Path]:
+    """OUT/curve-<metric>.png: each model's seeds against training steps (a colour per model, a marker per seed);
+    ``columns``: only the curves of these metrics."""
     from pancreas_gvae.evaluation.tables import plot_curves
 
     colours = {m: f"C{i}" for i, m in enumerate(dict.fromkeys(frame["model"]))}
@@ -207,7 +208,7 @@ def _plot_learning_curves(frame, out: Path) -> list[Path]:
     paths = []
     for metric in ("fid_feature", "kid_feature", "recall", "precision", "fidelity_dice", "tstr_ratio",
                    "mmd2_feature"):
-        if metric not in frame or frame[metric].isna().all():
+        if metric not in frame or frame[metric].isna().all() or (columns is not None and metric not in columns):
             continue
         paths.append(plot_curves(learning_curves(frame, metric), out / f"curve-{metric}.png",
                                  xlabel="training steps", ylabel=metric, title=f"{metric}: one line per seed",
@@ -230,7 +231,7 @@ def _write_report(frame, out: Path, title: str, notes: list[str],
     """OUT/results.md (mean ± sd per model and budget, then every run) and, for several budgets, the curves."""
     md = render_markdown(frame, title=title, notes=notes, columns=columns, runs=True)  # ValueError: unknown column
     (out / "results.md").write_text(md)
-    return md, _plot_learning_curves(frame, out) if frame["steps"].nunique() > 1 else []
+    return md, _plot_learning_curves(frame, out, columns) if frame["steps"].nunique() > 1 else []
 
 
 def _report(args: argparse.Namespace) -> int:

@@ -45,9 +45,18 @@ def summarise(frame: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
+def _first_seen(values) -> dict:
+    """``{value: rank}`` in order of first appearance: rows keep the order in which they were measured."""
+    return {v: i for i, v in enumerate(dict.fromkeys(values))}
+
+
+def _heading(spec: MetricSpec) -> str:
+    return f"{spec.column} {'↑' if spec.higher_is_better else '↓'}"
+
+
 def _budget_order(frame: pd.DataFrame) -> dict[str, tuple]:
     """Sort key of the per-budget table names: by dataset (first seen first), then by steps."""
-    first = {d: i for i, d in enumerate(dict.fromkeys(n.rsplit(", ", 1)[0] for n in frame["dataset"]))}
+    first = _first_seen(n.rsplit(", ", 1)[0] for n in frame["dataset"])
     return {n: (first[n.rsplit(", ", 1)[0]], int(n.rsplit(", ", 1)[1].split()[0])) for n in frame["dataset"]}
 
 
@@ -90,12 +99,12 @@ def render_markdown(frame: pd.DataFrame, *, title: str = "Results", notes: list[
     lines += [f"- {n}" for n in (notes or [])]
     if notes:
         lines.append("")
-    directions = ", ".join(f"{m.column} {'↑' if m.higher_is_better else '↓'}" for m in specs)
+    directions = ", ".join(_heading(m) for m in specs)
     lines += [f"Directions: {directions}.", ""]
     for dataset, g in summary.groupby("dataset", sort=False):
         cols = [m for m in specs if g[f"{m.column}:n"].sum() > 0]
         lines += [f"## {dataset}", ""]
-        header = ["model", "seeds"] + [f"{m.column} {'↑' if m.higher_is_better else '↓'}" for m in cols]
+        header = ["model", "seeds"] + [_heading(m) for m in cols]
         lines.append("| " + " | ".join(header) + " |")
         lines.append("|" + "|".join(["---"] * len(header)) + "|")
         for _, r in g.iterrows():
@@ -134,11 +143,11 @@ def render_runs(frame: pd.DataFrame, *, columns: list[str] | None = None) -> str
     specs = [m for m in _metric_specs(columns) if m.column in frame and frame[m.column].notna().any()]
     frame = frame.copy()
     for c in ("dataset", "model"):
-        frame[f"_{c}_order"] = frame[c].map({v: i for i, v in enumerate(dict.fromkeys(frame[c]))})
+        frame[f"_{c}_order"] = frame[c].map(_first_seen(frame[c]))
     frame = frame.sort_values([c for c in ("_dataset_order", "_model_order", "seed", "steps") if c in frame],
                               kind="stable")
     ids = [c for c in ("dataset", "model", "seed", "steps", "train_seconds_cum") if c in frame]
-    header = ids + [f"{m.column} {'↑' if m.higher_is_better else '↓'}" for m in specs]
+    header = ids + [_heading(m) for m in specs]
     lines = ["## Every run", "", "| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
     for _, r in frame.iterrows():
         cells = [str(r[c]) if c in ("dataset", "model") else

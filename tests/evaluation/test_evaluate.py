@@ -96,12 +96,13 @@ def test_several_budgets_give_a_learning_curve_from_one_training(tmp_path, mnist
     assert evaluate.main([a if a != "2,4" else "3" for a in argv]) != 0
     # --report: results.md and the curves again from results.csv alone (nothing trained), narrowed to two columns
     (out / "results.md").unlink()
-    (out / "curve-fid_feature.png").unlink()
+    for png in out.glob("curve-*.png"):
+        png.unlink()
     assert evaluate.main(["--report", "--out", str(out), "--columns", "fid_feature,recall"]) == 0
     md = (out / "results.md").read_text()
     runs = md.split("## Every run")[1]
     assert "## mnist, 4 steps" in md and runs.count("| mnist |") == 4 and "kid_feature" not in md
-    assert (out / "curve-fid_feature.png").is_file()
+    assert sorted(p.name for p in out.glob("curve-*.png")) == ["curve-fid_feature.png", "curve-recall.png"]
     pd.testing.assert_frame_equal(pd.read_csv(out / "results.csv"), frame)
     assert evaluate.main(["--report", "--out", str(out), "--columns", "fid"]) != 0  # a clear error, no trace
     assert evaluate.main(["--report", "--out", str(tmp_path / "none")]) != 0
