@@ -32,7 +32,7 @@ from pancreas_gvae.data.ct.discovery import LAYOUTS
 from pancreas_gvae.errors import PipelineError, run_cli
 from pancreas_gvae.evaluation.compare import evaluate_model
 from pancreas_gvae.evaluation.heldout import ct_eval_data, mnist_eval_data
-from pancreas_gvae.evaluation.tables import render_markdown, results_frame
+from pancreas_gvae.evaluation.tables import metric_specs, render_markdown, results_frame
 from pancreas_gvae.models.latent_prior import encode_codes, prior_label, with_prior
 from pancreas_gvae.tracking.mlflow_tracker import ends_by_outcome
 from pancreas_gvae.training.run import PRIOR_FIT_IMAGES, checkpoint_path, train_run
@@ -229,7 +229,7 @@ def _log_child(client, run_id: str, row: dict, prefix: str = "eval") -> None:
 def _write_report(frame, out: Path, title: str, notes: list[str],
                   columns: list[str] | None = None) -> tuple[str, list[Path]]:
     """OUT/results.md (mean ± sd per model and budget, then every run) and, for several budgets, the curves."""
-    md = render_markdown(frame, title=title, notes=notes, columns=columns, runs=True)  # ValueError: unknown column
+    md = render_markdown(frame, title=title, notes=notes, columns=columns, runs=True)
     (out / "results.md").write_text(md)
     return md, _plot_learning_curves(frame, out, columns) if frame["steps"].nunique() > 1 else []
 
@@ -241,12 +241,13 @@ def _report(args: argparse.Namespace) -> int:
     if not path.is_file():
         raise PipelineError(f"--report: no {path}: run the evaluation first")
     columns = [c.strip() for c in args.columns.split(",") if c.strip()] if args.columns else None
-    frame = results_frame(pd.read_csv(path).to_dict("records"))
     try:
-        md, _ = _write_report(frame, args.out, f"Evaluation: {args.out.name}",
-                              [f"rows of {path}: {len(frame)}"], columns)
-    except ValueError as e:  # an unknown --columns name
+        metric_specs(columns)  # an unknown name is refused before anything is written
+    except ValueError as e:
         raise PipelineError(f"--columns: {e}") from None
+    frame = results_frame(pd.read_csv(path).to_dict("records"))
+    md, _ = _write_report(frame, args.out, f"Evaluation: {args.out.name}",
+                          [f"rows of {path}: {len(frame)}"], columns)
     print(md)
     return 0
 

@@ -89,7 +89,7 @@ def render_markdown(frame: pd.DataFrame, *, title: str = "Results", notes: list[
     """results.md: one table per dataset, rows = models, cells ``mean ± sd (n)``, best per column in bold;
     ``columns``: only these metric columns (default: every one with a value); ``runs``: then every run as a row
     (:func:`render_runs`)."""
-    specs = _metric_specs(columns)
+    specs = metric_specs(columns)
     summary = summarise(frame)
     best = best_per_column(summary)
     lines = [f"# {title}", ""]
@@ -126,7 +126,8 @@ def render_markdown(frame: pd.DataFrame, *, title: str = "Results", notes: list[
     return "\n".join(lines)
 
 
-def _metric_specs(columns: list[str] | None) -> list[MetricSpec]:
+def metric_specs(columns: list[str] | None) -> list[MetricSpec]:
+    """The METRICS named in ``columns`` (all of them for None); ValueError naming any unknown one."""
     if columns is None:
         return list(METRICS)
     by_name = {m.column: m for m in METRICS}
@@ -140,7 +141,7 @@ def render_runs(frame: pd.DataFrame, *, columns: list[str] | None = None) -> str
     """Every run as one row: model, seed, steps, cumulative training seconds and the metric columns (``columns``,
     default every one with a value), sorted by dataset and model (first seen first), seed and steps, so a learning
     curve and its seeds read down the table as they were measured."""
-    specs = [m for m in _metric_specs(columns) if m.column in frame and frame[m.column].notna().any()]
+    specs = [m for m in metric_specs(columns) if m.column in frame and frame[m.column].notna().any()]
     frame = frame.copy()
     for c in ("dataset", "model"):
         frame[f"_{c}_order"] = frame[c].map(_first_seen(frame[c]))
