@@ -184,22 +184,24 @@ def _compare_grids(data, models: list[str], seed: int, budget: int, out: Path) -
     return save_png(side_by_side(panels), out / f"grid-{budget}-s{seed}.png")
 
 
-def learning_curves(frame, metric: str) -> dict[str, tuple[list[int], list[float]]]:
-    """``metric`` against training steps, one line per model and seed ("gvae s0").
+def learning_curves(frame, metric: str, x: str = "steps") -> dict[str, tuple[list[float], list[float]]]:
+    """``metric`` against ``x`` (training steps, or ``train_seconds_cum`` for equal compute), one line per model
+    and seed ("gvae s0"); rows without either value are left out.
 
     Per seed, not a mean over seeds: a curve is often run on one seed and only its last budget on three, and a mean
     per budget would then join a one-seed point to a three-seed point as if they were one curve."""
     curves = {}
     for (model, seed), g in frame.groupby(["model", "seed"], sort=False):
-        m = g.set_index("steps")[metric].sort_index().dropna()
+        m = g[[x, metric]].dropna().sort_values(x)
         if len(m):
-            curves[f"{model} s{seed}"] = ([int(x) for x in m.index], m.tolist())
+            curves[f"{model} s{seed}"] = ([int(v) if x == "steps" else float(v) for v in m[x]], m[metric].tolist())
     return curves
 
 
 def _plot_learning_curves(frame, out: Path, columns: list[str] | None = None) -> list[Path]:
-    """OUT/curve-<metric>.png: each model's seeds against training steps (a colour per model, a marker per seed);
-    ``columns``: only the curves of these metrics."""
+    """OUT/curve-<metric>.png: each model's seeds against training steps (a colour per model, a marker per seed),
+    and OUT/curve-<metric>-seconds.png against cumulative training seconds, the axis on which models of different
+    step costs are compared at equal compute; ``columns``: only the curves of these metrics."""
     from pancreas_gvae.evaluation.tables import plot_curves
 
     colours = {m: f"C{i}" for i, m in enumerate(dict.fromkeys(frame["model"]))}
@@ -210,9 +212,12 @@ def _plot_learning_curves(frame, out: Path, columns: list[str] | None = None) ->
                    "mmd2_feature"):
         if metric not in frame or frame[metric].isna().all() or (columns is not None and metric not in columns):
             continue
-        paths.append(plot_curves(learning_curves(frame, metric), out / f"curve-{metric}.png",
-                                 xlabel="training steps", ylabel=metric, title=f"{metric}: one line per seed",
-                                 styles=styles))
+        for x, suffix, xlabel in (("steps", "", "training steps"),
+                                  ("train_seconds_cum", "-seconds", "cumulative training seconds")):
+            curves = learning_curves(frame, metric, x) if x in frame else {}
+            if curves:
+                paths.append(plot_curves(curves, out / f"curve-{metric}{suffix}.png", xlabel=xlabel, ylabel=metric,
+                                         title=f"{metric}: one line per seed", styles=styles))
     return paths
 
 

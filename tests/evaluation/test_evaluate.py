@@ -102,7 +102,8 @@ def test_several_budgets_give_a_learning_curve_from_one_training(tmp_path, mnist
     md = (out / "results.md").read_text()
     runs = md.split("## Every run")[1]
     assert "## mnist, 4 steps" in md and runs.count("| mnist |") == 4 and "kid_feature" not in md
-    assert sorted(p.name for p in out.glob("curve-*.png")) == ["curve-fid_feature.png", "curve-recall.png"]
+    assert sorted(p.name for p in out.glob("curve-*.png")) == [  # against steps and against training seconds
+        "curve-fid_feature-seconds.png", "curve-fid_feature.png", "curve-recall-seconds.png", "curve-recall.png"]
     pd.testing.assert_frame_equal(pd.read_csv(out / "results.csv"), frame)
     assert evaluate.main(["--report", "--out", str(out), "--columns", "fid"]) != 0  # a clear error, no trace
     assert evaluate.main(["--report", "--out", str(tmp_path / "none")]) != 0
@@ -116,6 +117,11 @@ def test_learning_curves_keep_seeds_apart():
     curves = evaluate.learning_curves(frame, "fid_feature")
     assert curves == {"gvae s0": ([750, 1500], [2.0, 1.0]), "gvae s1": ([1500], [3.0]),
                       "gvae s2": ([1500], [5.0]), "gan s0": ([750], [4.0])}
+    # against cumulative seconds (equal compute): a row without its time is left out, not drawn at zero
+    frame["train_seconds_cum"] = [300.0, 610.5, float("nan"), 640.0, 120.0]
+    curves = evaluate.learning_curves(frame, "fid_feature", x="train_seconds_cum")
+    assert curves == {"gvae s0": ([300.0, 610.5], [2.0, 1.0]), "gvae s2": ([640.0], [5.0]),
+                      "gan s0": ([120.0], [4.0])}
 
 
 @pytest.mark.slow
