@@ -61,12 +61,13 @@ def _budget_order(frame: pd.DataFrame) -> dict[str, tuple]:
 
 
 def best_per_column(summary: pd.DataFrame) -> dict[tuple[str, str], set[str]]:
-    """``{(dataset, column): {best model(s)}}`` by mean, in each metric's direction (ties all best)."""
+    """``{(dataset, column): {best model(s)}}`` by mean, in each metric's direction (ties all best); a column
+    with fewer than two models valued has no best."""
     best: dict[tuple[str, str], set[str]] = {}
     for dataset, g in summary.groupby("dataset", sort=False):
         for spec in METRICS:
             means = g.set_index("model")[f"{spec.column}:mean"].dropna()
-            if means.empty:
+            if len(means) < 2:  # no value, or one model alone (e.g. at a budget only it was run to): no "best"
                 continue
             target = means.max() if spec.higher_is_better else means.min()
             best[(dataset, spec.column)] = set(means[np.isclose(means, target, rtol=1e-12, atol=0)].index)
@@ -94,7 +95,7 @@ def render_markdown(frame: pd.DataFrame, *, title: str = "Results", notes: list[
     best = best_per_column(summary)
     lines = [f"# {title}", ""]
     lines += ["Cells: mean ± sd over seeds (n = number of seeds with a value; sd blank for n = 1). "
-              "**Bold**: best model in the column (by mean, in the stated direction). "
+              "**Bold**: best model in the column (by mean, in the stated direction; none where one model is alone). "
               "Blank: the metric does not apply to the model.", ""]
     lines += [f"- {n}" for n in (notes or [])]
     if notes:

@@ -202,6 +202,7 @@ def test_best_per_column_respects_direction_blanks_and_datasets():
     assert best[("ct", "mmd2_pixel")] == {"gan"}  # per dataset, not across datasets
     assert best[("ct", "precision")] == {"gan", "vae"}  # ties are all best
     assert ("mnist", "elbo_nats") not in best  # a column with no values has no best
+    assert ("ct", "recon_ssim") not in best  # one model valued (the GAN has no recon): nothing to beat, no bold
 
 
 def test_results_md_marks_best_with_mean_sd_and_n():
