@@ -142,6 +142,18 @@ def _finished_rows(path: Path) -> list[dict]:
     return pd.read_csv(path).to_dict("records")
 
 
+def _cumulative_seconds(rows: list[dict], dataset: str, model: str, seed: int, done: int, seconds: float) -> float:
+    """Training seconds from step 0 to this row's budget: this call's ``seconds`` on top of the cumulative seconds of
+    the model's row at ``done``, the step its training resumed from. NaN when no row records that step (a killed
+    run continued from a checkpoint between budgets: the seconds before the kill are unknown, and counting from the
+    restart would put the row too early on the equal-compute curves)."""
+    if done == 0:
+        return seconds
+    at = [r for r in rows if r["dataset"] == dataset and r["model"] == model and int(r["seed"]) == seed
+          and int(r["steps"]) == done]
+    return float(at[0].get("train_seconds_cum", math.nan)) + seconds if at else math.nan
+
+
 def _checkpoint_step(run_dir: Path) -> int:
     """Steps already trained in ``run_dir`` (0 without a checkpoint)."""
     from pancreas_gvae.training.checkpoint import load_checkpoint
@@ -348,10 +360,8 @@ def main(argv: list[str] | None = None) -> int:
                                       else f"gaussian sigma={data.sigma}"),
                        "recon_units": "HU" if data.window else "[0,1] pixel", "feature_net": data.feature_net,
                        "run_id": res.run_id, "train_seconds": round(res.seconds, 1),
-                       "train_seconds_cum": round(res.seconds + sum(
-                           float(r["train_seconds"]) for r in rows
-                           if r["dataset"] == data.dataset and r["model"] == label and int(r["seed"]) == seed
-                           and int(r["steps"]) < budget), 1),
+                       "train_seconds_cum": round(_cumulative_seconds(rows, data.dataset, model, seed, done,
+                                                                      res.seconds), 1),
                        "eval_seconds": round(time.perf_counter() - t0, 1)}
                 mlflow.set_tracking_uri(uri)
                 _log_child(MlflowClient(tracking_uri=res.tracking_uri or uri), res.run_id, row,

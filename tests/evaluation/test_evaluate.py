@@ -109,6 +109,18 @@ def test_several_budgets_give_a_learning_curve_from_one_training(tmp_path, mnist
     assert evaluate.main(["--report", "--out", str(tmp_path / "none")]) != 0
 
 
+def test_cumulative_seconds_chain_from_the_row_training_resumed_at_and_are_unknown_without_one():
+    rows = [{"dataset": "ct", "model": "gvae", "seed": 0, "steps": 100, "train_seconds_cum": 40.0},
+            {"dataset": "ct", "model": "gvae", "seed": 1, "steps": 100, "train_seconds_cum": 55.0},
+            {"dataset": "ct", "model": "gvae@N(0,I)", "seed": 0, "steps": 100, "train_seconds_cum": 1.0}]
+    assert evaluate._cumulative_seconds(rows, "ct", "gvae", 0, 0, 30.0) == 30.0  # from scratch
+    assert evaluate._cumulative_seconds(rows, "ct", "gvae", 0, 100, 30.0) == 70.0  # on from the 100-step row
+    assert evaluate._cumulative_seconds(rows, "ct", "gvae", 1, 100, 0.0) == 55.0  # a rescore: the checkpoint's time
+    # a killed run continued from its 60-step checkpoint: the seconds before the kill are unknown, not zero
+    assert math.isnan(evaluate._cumulative_seconds(rows, "ct", "gvae", 0, 60, 30.0))
+    assert math.isnan(evaluate._cumulative_seconds(rows, "ct", "vae", 0, 100, 30.0))  # another model's row is not it
+
+
 def test_learning_curves_keep_seeds_apart():
     """A curve on seed 0 and a last budget on three seeds: one line per seed, never a mean that joins a one-seed
     point to a three-seed point."""
@@ -152,6 +164,8 @@ def test_priors_score_one_checkpoint_under_several_latent_priors(tmp_path, mnist
     assert list(again["model"]) == list(frame["model"]) + ["gvae@gmm1"]
     pd.testing.assert_frame_equal(again.iloc[:4], frame)
     assert again["train_seconds"].iloc[-1] < 1, "the checkpoint is at its budget: nothing is trained again"
+    assert again["train_seconds_cum"].iloc[-1] == pytest.approx(gvae.loc["gvae", "train_seconds_cum"], abs=1), \
+        "a prior rescored later carries its checkpoint's training time (the equal-compute curves place it there)"
     assert evaluate.main(argv[:-1] + ["8:banded"]) == 2
 
 
