@@ -12,7 +12,8 @@ nested under one parent MLflow run ("evaluation") that holds the results table. 
 OUT/results.csv (one row per model, seed and budget), OUT/results.md (mean ± sd per model and budget, best
 marked, then every run), OUT/grid-<budget>-s<seed>.png (held-out | each model's prior samples) and, for several
 budgets, OUT/curve-<metric>.png (against steps) and OUT/curve-<metric>-seconds.png (against cumulative training
-seconds: equal compute). ``--report`` re-writes results.md and the curves from results.csv alone.
+seconds: equal compute; blank for a training continued from a checkpoint no row records, e.g. after a kill, whose
+earlier seconds are unknown). ``--report`` re-writes results.md and the curves from results.csv alone.
 Metric definitions and what each is computed on: ``pancreas_gvae/evaluation/compare.py``.
 """
 
