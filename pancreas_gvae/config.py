@@ -78,6 +78,10 @@ class LossConfig:
     #   batch row blinded alike, so D judges (image, mask) pairs against labelled slices only and images alone on
     #   the rest, at the same share for real and fake; no mask G made is ever shown to D as real.
     unlabelled_masks: str = "own"
+    # What the GVAE's D is shown as fake, and what G's adversarial term is taken over: "both" the reconstruction
+    # and the prior sample (Larsen et al. 2016, GVAE.md), or "prior" the prior sample alone (reconstructions are
+    # then held to the data by the reconstruction terms only, and D's whole fake side is the samples we export).
+    d_fakes: str = "both"
     diffaugment: str = ""  # DiffAugment policies for D, e.g. "translation,cutout,color" (pancreas_gvae/training/diffaugment.py)
 
 
@@ -166,6 +170,8 @@ class Config:
             raise PipelineError("loss.diffaugment is implemented for 2D models (model.spatial_dims 2)")
         if self.loss.unlabelled_masks not in ("own", "blind"):
             raise PipelineError(f"loss.unlabelled_masks must be own or blind, got {self.loss.unlabelled_masks!r}")
+        if self.loss.d_fakes not in ("both", "prior"):
+            raise PipelineError(f"loss.d_fakes must be both or prior, got {self.loss.d_fakes!r}")
         if self.loss.vae_likelihood not in ("bernoulli", "gaussian"):
             raise PipelineError(f"loss.vae_likelihood must be bernoulli or gaussian, got {self.loss.vae_likelihood!r}")
 

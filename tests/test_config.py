@@ -24,6 +24,7 @@ def test_round_trip_through_dict():
     (["model.nope=1"], "unknown config key 'model.nope'"),
     (["model.kind=diffusion"], "model.kind must be one of"),
     (["loss.adversarial=wgan"], "nonsaturating or hinge"),
+    (["loss.d_fakes=rec"], "loss.d_fakes must be both or prior"),
     (["train.steps"], "section.key=value"),
 ])
 def test_bad_overrides_are_named(bad, match):

@@ -150,13 +150,14 @@ def gvae_step(tr: "Trainer", x: torch.Tensor,
         x_real, d_rec, d_prior = (_blinded(tr, t, has_label) for t in (x, x_rec, x_prior))
     else:
         x_real, d_rec, d_prior = _with_own_masks(tr, x, x_rec, has_label), x_rec, x_prior
-    _d_update(tr, x_real, [d_rec, d_prior], logs)
+    both = lc.d_fakes == "both"
+    _d_update(tr, x_real, [d_rec, d_prior] if both else [d_prior], logs)
 
     with tr.autocast():
         feat_real, _ = D(x_real)
-        if tr.diffaugment:  # features for the reconstruction loss from the images themselves
+        if tr.diffaugment or not both:  # features for the reconstruction loss from the images themselves
             feat_rec, _ = D(d_rec)
-            _, logit_rec = D(_aug(tr, d_rec))
+            logit_rec = D(_aug(tr, d_rec))[1] if both else None
         else:
             feat_rec, logit_rec = D(d_rec)
         _, logit_prior = D(_aug(tr, d_prior))
@@ -165,7 +166,7 @@ def gvae_step(tr: "Trainer", x: torch.Tensor,
         recon = torch.stack(list(recon_terms.values())).sum()
         kl = L.kl_loss(mu.float(), logvar.float(), x[0].numel())
         loss_e = tr.beta() * kl + recon
-        loss_g = (lc.adversarial_weight * L.g_adversarial([logit_rec, logit_prior], lc.adversarial)
+        loss_g = (lc.adversarial_weight * L.g_adversarial([logit_rec, logit_prior] if both else [logit_prior], lc.adversarial)
                   + lc.recon_weight_g * recon)
     tr.check_finite({"loss/e": loss_e, "loss/g": loss_g})
     e_params, g_params = list(E.parameters()), list(G.parameters())

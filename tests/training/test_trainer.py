@@ -41,16 +41,41 @@ def test_one_step_changes_weights_and_reports_finite_losses(kind):
     assert any(k.startswith("generator.") for k in changed)
 
 
-def test_no_adversarial_gradient_reaches_the_encoder():
+@pytest.mark.parametrize("d_fakes", ["both", "prior"])
+def test_no_adversarial_gradient_reaches_the_encoder(d_fakes):
     """E's update must not depend on the adversarial weight; G's must."""
-    a = _trainer("gvae", ["loss.adversarial_weight=0.0"])
-    b = _trainer("gvae", ["loss.adversarial_weight=50.0"])
+    a = _trainer("gvae", ["loss.adversarial_weight=0.0", f"loss.d_fakes={d_fakes}"])
+    b = _trainer("gvae", ["loss.adversarial_weight=50.0", f"loss.d_fakes={d_fakes}"])
     b.load_state_dict(a.state_dict() | {"config": b.cfg.to_dict()})
     x = _data()[:4]
     a.train_step(x)
     b.train_step(x)
     assert torch.equal(_params(a.model.encoder), _params(b.model.encoder))
     assert not torch.equal(_params(a.model.generator), _params(b.model.generator))
+
+
+@pytest.mark.parametrize("d_fakes", ["both", "prior"])
+def test_d_fakes_sets_what_d_and_gs_adversarial_term_see_as_fake(d_fakes, monkeypatch):
+    """``loss.d_fakes``: D's fake side is the reconstruction and the prior sample ("both", Larsen et al.) or the
+    prior sample alone ("prior"), and G's adversarial term is taken over the same fakes."""
+    from pancreas_gvae.training import steps
+
+    tr = _trainer("gvae", [f"loss.d_fakes={d_fakes}"])
+    seen, made, g_terms = [], [], []
+    tr.model.discriminator.register_forward_pre_hook(lambda _m, a: seen.append(a[0].detach().clone()))
+    tr.model.generator.register_forward_hook(lambda _m, _a, out: made.append(torch.sigmoid(out.detach())))
+    real_g_adv = steps.L.g_adversarial
+    monkeypatch.setattr(steps.L, "g_adversarial", lambda logits, kind: g_terms.append(len(logits))
+                        or real_g_adv(logits, kind))
+    x = _data()[:4]
+    tr.train_step(x)
+    rec, prior = made
+    fakes_in_d_update = [rec, prior] if d_fakes == "both" else [prior]
+    assert torch.equal(seen[0], x)
+    assert len(seen) == 1 + len(fakes_in_d_update) + 3  # D update; then features of real and rec, prior logit
+    for got, want in zip(seen[1:], fakes_in_d_update):
+        assert torch.equal(got, want)
+    assert g_terms == [len(fakes_in_d_update)]
 
 
 def test_training_is_deterministic_on_cpu():
