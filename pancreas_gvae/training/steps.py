@@ -4,6 +4,7 @@ GVAE (VAE/GAN, Larsen et al. 2016):
   D: real x against reconstructions G(z_e) and prior samples G(z_p).
   E: beta * KL + feature reconstruction ||D_l(x) - D_l(G(z_e))||^2 + pixel L1; no adversarial gradient.
   G: adversarial loss on G(z_e) and G(z_p) + the same reconstruction terms.
+  With ``loss.d_fakes=prior`` D's fake side and G's adversarial term are G(z_p) alone.
 E and G get their gradients from their own losses through ``torch.autograd.grad``,
 which is how "no adversarial gradient into E" is enforced exactly; they are also clipped
 separately (a joint norm would let the adversarial loss rescale E's update).
@@ -166,8 +167,8 @@ def gvae_step(tr: "Trainer", x: torch.Tensor,
         recon = torch.stack(list(recon_terms.values())).sum()
         kl = L.kl_loss(mu.float(), logvar.float(), x[0].numel())
         loss_e = tr.beta() * kl + recon
-        loss_g = (lc.adversarial_weight * L.g_adversarial([logit_rec, logit_prior] if both else [logit_prior], lc.adversarial)
-                  + lc.recon_weight_g * recon)
+        fake_logits = [logit_rec, logit_prior] if both else [logit_prior]
+        loss_g = lc.adversarial_weight * L.g_adversarial(fake_logits, lc.adversarial) + lc.recon_weight_g * recon
     tr.check_finite({"loss/e": loss_e, "loss/g": loss_g})
     e_params, g_params = list(E.parameters()), list(G.parameters())
     grads_e = torch.autograd.grad(loss_e, e_params, retain_graph=True)
