@@ -6,8 +6,10 @@
     python pipelines/evaluate.py --dataset ct --data-root ../shared/data/ct --layout folder --pancreas-label 7 ...
     python pipelines/evaluate.py --dataset ct --data-root /data/cohort-a --test-data-root /data/hospital-b ...
     python pipelines/evaluate.py ... --priors 0,1,8,8:diag     # also each GVAE/VAE checkpoint under other priors
+    python pipelines/evaluate.py ... --set gvae:loss.feature_recon=100   # an override for one model only
 
-Every model is trained by ``train_run`` (same steps, batch size and config; one MLflow run each),
+Every model is trained by ``train_run`` (same steps, batch size and config, but for its own ``--set MODEL:``
+overrides, which its rows name in ``settings``; one MLflow run each),
 nested under one parent MLflow run ("evaluation") that holds the results table. Writes
 OUT/results.csv (one row per model, seed and budget), OUT/results.md (mean ± sd per model and budget, best
 marked, then every run), OUT/grid-<budget>-s<seed>.png (held-out | each model's prior samples) and, for several
@@ -84,7 +86,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "K-component Gaussian mixture fitted to the codes of training images) or K:COV (COV one of "
                    "full, tied, diag, spherical); extra rows '<model>@<prior>' (encoder columns blank there: "
                    "they do not depend on the prior)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="[MODEL:]KEY=VALUE",
+                   help="a config override for every model, or with a MODEL: prefix (gvae:loss.feature_recon=100) "
+                        "for that model only, so models with their own loss weights share one command, one --out "
+                        "and one held-out set-up")
     p.add_argument("--report", action="store_true", help="train and score nothing: write OUT/results.md (mean ± sd "
                    "per budget, then every run) and the learning curves from the rows of OUT/results.csv, e.g. "
                    "after appending the rows of seeds run elsewhere")
@@ -121,13 +126,42 @@ def _priors(text: str) -> list[tuple[int, str]]:
     return out
 
 
-def _overrides(args: argparse.Namespace, model: str, seed: int) -> list[str]:
+def _model_sets(overrides: list[str], model: str | None) -> list[str]:
+    """The ``--set`` overrides that apply to ``model``: the unprefixed ones and its ``MODEL:`` ones, unprefixed
+    (``None``: the unprefixed ones only)."""
+    out = []
+    for item in overrides:
+        scope, sep, rest = item.partition(":")
+        if not sep or "=" in scope:  # no prefix (a ':' in a value, e.g. a sqlite:/// URI, is not one)
+            out.append(item)
+        elif scope == model:
+            out.append(rest)
+    return out
+
+
+def _check_model_sets(overrides: list[str], models: list[str]) -> None:
+    """Refuse a ``MODEL:`` prefix naming no model of the command, and one on a ``data.`` key: the data, the
+    held-out set, the feature network and the judge are prepared once and shared by every model."""
+    for item in overrides:
+        scope, sep, rest = item.partition(":")
+        if not sep or "=" in scope:
+            continue
+        if scope not in models:
+            raise PipelineError(f"--set {item}: {scope!r} is not one of --models {','.join(models)}")
+        if rest.startswith("data."):
+            raise PipelineError(f"--set {item}: the data is shared by every model of a command; set data.* "
+                                "without a model prefix")
+
+
+def _overrides(args: argparse.Namespace, model: str, seed: int, *, shared_only: bool = False) -> list[str]:
+    """The config overrides of one training run; ``shared_only``: without any ``MODEL:`` ``--set`` (the config
+    the shared data and scoring are prepared with)."""
     pairs = {"model.kind": model, "train.steps": args.steps, "train.seed": seed, "train.batch_size": args.batch_size,
              "train.device": "cpu" if not torch.cuda.is_available() else None,
              "tracking.tracking_uri": args.tracking_uri, "tracking.experiment": args.experiment,
              "tracking.log_model": args.log_model, "tracking.system_metrics": False}
     extra = [f"data.dataset={args.dataset}"] if args.dataset != "ct" else []
-    return [f"{k}={v}" for k, v in pairs.items() if v is not None] + extra + args.overrides
+    return [f"{k}={v}" for k, v in pairs.items() if v is not None] + extra + _model_sets(args.overrides, None if shared_only else model)
 
 
 # --------------------------------------------------------------------------- main
@@ -278,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         return _report(args)
     models, seeds, budgets = _models(args.models), _ints(args.seeds), sorted(set(_ints(args.steps)))
     priors = _priors(args.priors)
+    _check_model_sets(args.overrides, models)
     if not seeds:
         raise PipelineError("--seeds: give at least one seed")
     if not budgets or budgets[0] < 1:
@@ -285,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     args.steps = budgets[0]  # the config the data is prepared with; each run gets its own budget below
     default_cfg = REPO / "configs" / ("ct_64.yaml" if args.dataset == "ct" else "mnist.yaml")
     config = args.config or default_cfg
-    base_cfg = load_config(config, _overrides(args, models[0], seeds[0]))
+    base_cfg = load_config(config, _overrides(args, models[0], seeds[0], shared_only=True))
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     data, make_batches, preview = (ct_eval_data(args, base_cfg) if args.dataset == "ct"
@@ -354,7 +389,8 @@ def main(argv: list[str] | None = None) -> int:
                                          latent_dim=cfg.model.latent_dim, seed=seed, iwae_k=args.iwae_k,
                                          device=res.trainer.device)
                 row = {"dataset": data.dataset, "model": label, "seed": seed, **metrics,
-                       "steps": cfg.train.steps, "batch_size": cfg.train.batch_size, "n_eval": len(data.test),
+                       "steps": cfg.train.steps, "batch_size": cfg.train.batch_size,
+                       "settings": " ".join(_model_sets(args.overrides, model)), "n_eval": len(data.test),
                        "n_samples": data.sample_count,
                        "iwae_k": args.iwae_k if model != "gan" else math.nan,
                        "likelihood": (f"{data.likelihood} (binarised)" if data.likelihood == "bernoulli"

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
+from pancreas_gvae.config import load_config
 from pancreas_gvae.evaluation.compare import COLUMNS, METRICS
 from pancreas_gvae.evaluation.tables import best_per_column, render_markdown, render_runs, summarise
 from pancreas_gvae.pipelines import evaluate
@@ -70,10 +71,17 @@ def test_several_budgets_give_a_learning_curve_from_one_training(tmp_path, mnist
     out = tmp_path / "eval"
     tiny = [a if a != "3" else "2,4" for a in TINY]
     argv = ["--dataset", "mnist", "--data-dir", str(mnist_dir), "--models", "gvae,gan", "--seeds", "0",
-            "--out", str(out), "--tracking-uri", uri, "--n-samples", "40", *tiny]
+            "--out", str(out), "--tracking-uri", uri, "--n-samples", "40", *tiny,
+            "--set", "gvae:loss.feature_recon=7"]  # the GVAE's own weight: one command for both models
     assert evaluate.main(argv) == 0
     frame = pd.read_csv(out / "results.csv")
     assert sorted(zip(frame["model"], frame["steps"])) == [("gan", 2), ("gan", 4), ("gvae", 2), ("gvae", 4)]
+    settings = dict(zip(frame["model"], frame["settings"]))
+    assert settings["gvae"].endswith("loss.feature_recon=7") and "feature_recon" not in settings["gan"]
+    assert "model.latent_dim=8" in settings["gan"]
+    client = MlflowClient(tracking_uri=uri)
+    params = {m: client.get_run(frame.loc[frame.model == m, "run_id"].iloc[0]).data.params for m in ("gvae", "gan")}
+    assert float(params["gvae"]["loss.feature_recon"]) == 7 and float(params["gan"]["loss.feature_recon"]) == 1
     for model, g in frame.groupby("model"):
         assert g["run_id"].nunique() == 1, "the 4-step row continues the 2-step training"
         two, four = (g[g["steps"] == n].iloc[0] for n in (2, 4))
@@ -278,6 +286,34 @@ def test_mask_columns_of_real_slices_scored_as_samples_are_perfect():
     shuffled = test.clone()
     shuffled[:, 1] = test[torch.roll(torch.arange(n), 1), 1]
     assert mask_columns(test, shuffled, data, seed=0)["fidelity_dice"] < same["fidelity_dice"] - 0.3
+
+
+def test_a_model_prefixed_set_applies_to_that_model_only():
+    args = evaluate.parse_args(["--dataset", "ct", "--steps", "10", "--out", "o", "--tracking-uri", "sqlite:///m.db",
+                                "--set", "train.lr_g=0.001", "--set", "gvae:loss.feature_recon=100"])
+    gvae, gan = (evaluate._overrides(args, m, 0) for m in ("gvae", "gan"))
+    assert "loss.feature_recon=100" in gvae and not any("feature_recon" in o for o in gan)
+    assert "train.lr_g=0.001" in gvae and "train.lr_g=0.001" in gan
+    assert "tracking.tracking_uri=sqlite:///m.db" in gan  # a ':' inside a value is no prefix
+    shared = evaluate._overrides(args, "gvae", 0, shared_only=True)
+    assert "train.lr_g=0.001" in shared and not any("feature_recon" in o for o in shared)
+    # the GVAE of a three-model command gets the config of a GVAE-only command with a plain --set
+    alone = evaluate.parse_args(["--dataset", "ct", "--steps", "10", "--out", "o", "--tracking-uri", "sqlite:///m.db",
+                                 "--models", "gvae", "--set", "train.lr_g=0.001", "--set", "loss.feature_recon=100"])
+    config = evaluate.REPO / "configs" / "ct_nih2d.yaml"
+    assert load_config(config, gvae).to_dict() == load_config(config, evaluate._overrides(alone, "gvae", 0)).to_dict()
+    assert load_config(config, gan).loss.feature_recon == 1.0
+
+
+@pytest.mark.parametrize("item, message", [("gan:loss.beta_kl=2", "not one of --models"),
+                                           ("gvae:data.sampling.slice_size=32", "shared by every model")])
+def test_a_model_prefix_outside_the_command_or_on_the_data_is_refused_in_one_line(tmp_path, item, message, capsys):
+    argv = ["--dataset", "mnist", "--models", "gvae,vae", "--steps", "2", "--out", str(tmp_path / "e"),
+            "--set", item]
+    assert evaluate.main(argv) != 0
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "e").exists()  # refused before anything is written
 
 
 def test_a_stopped_evaluation_ends_its_mlflow_parent_killed_not_failed(tmp_path, mnist_dir, monkeypatch):
