@@ -6,7 +6,6 @@
     python pipelines/evaluate.py --dataset ct --data-root ../shared/data/ct --layout folder --pancreas-label 7 ...
     python pipelines/evaluate.py --dataset ct --data-root /data/cohort-a --test-data-root /data/hospital-b ...
     python pipelines/evaluate.py ... --priors 0,1,8,8:diag     # also each GVAE/VAE checkpoint under other priors
-    python pipelines/evaluate.py ... --set gvae:loss.feature_recon=100   # an override for one model only
 
 Every model is trained by ``train_run`` (same steps, batch size and config, but for its own ``--set MODEL:``
 overrides, which its rows name in ``settings``; one MLflow run each),
@@ -36,6 +35,7 @@ from pancreas_gvae.data.ct.discovery import LAYOUTS
 from pancreas_gvae.errors import PipelineError, run_cli
 from pancreas_gvae.evaluation.compare import evaluate_model
 from pancreas_gvae.evaluation.heldout import ct_eval_data, mnist_eval_data
+from pancreas_gvae.evaluation.model_sets import check_model_sets, model_sets
 from pancreas_gvae.evaluation.tables import metric_specs, render_markdown, results_frame
 from pancreas_gvae.models.latent_prior import encode_codes, prior_label, with_prior
 from pancreas_gvae.tracking.mlflow_tracker import ends_by_outcome
@@ -88,8 +88,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "they do not depend on the prior)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="[MODEL:]KEY=VALUE",
                    help="a config override for every model, or with a MODEL: prefix (gvae:loss.feature_recon=100) "
-                        "for that model only, so models with their own loss weights share one command, one --out "
-                        "and one held-out set-up")
+                        "for that model only (pancreas_gvae/evaluation/model_sets.py)")
     p.add_argument("--report", action="store_true", help="train and score nothing: write OUT/results.md (mean ± sd "
                    "per budget, then every run) and the learning curves from the rows of OUT/results.csv, e.g. "
                    "after appending the rows of seeds run elsewhere")
@@ -126,42 +125,15 @@ def _priors(text: str) -> list[tuple[int, str]]:
     return out
 
 
-def _model_sets(overrides: list[str], model: str | None) -> list[str]:
-    """The ``--set`` overrides that apply to ``model``: the unprefixed ones and its ``MODEL:`` ones, unprefixed
-    (``None``: the unprefixed ones only)."""
-    out = []
-    for item in overrides:
-        scope, sep, rest = item.partition(":")
-        if not sep or "=" in scope:  # no prefix (a ':' in a value, e.g. a sqlite:/// URI, is not one)
-            out.append(item)
-        elif scope == model:
-            out.append(rest)
-    return out
-
-
-def _check_model_sets(overrides: list[str], models: list[str]) -> None:
-    """Refuse a ``MODEL:`` prefix naming no model of the command, and one on a ``data.`` key: the data, the
-    held-out set, the feature network and the judge are prepared once and shared by every model."""
-    for item in overrides:
-        scope, sep, rest = item.partition(":")
-        if not sep or "=" in scope:
-            continue
-        if scope not in models:
-            raise PipelineError(f"--set {item}: {scope!r} is not one of --models {','.join(models)}")
-        if rest.startswith("data."):
-            raise PipelineError(f"--set {item}: the data is shared by every model of a command; set data.* "
-                                "without a model prefix")
-
-
 def _overrides(args: argparse.Namespace, model: str, seed: int, *, shared_only: bool = False) -> list[str]:
-    """The config overrides of one training run; ``shared_only``: without any ``MODEL:`` ``--set`` (the config
-    the shared data and scoring are prepared with)."""
+    """One training run's config overrides; ``shared_only``: no ``MODEL:`` ``--set`` (for the shared data)."""
     pairs = {"model.kind": model, "train.steps": args.steps, "train.seed": seed, "train.batch_size": args.batch_size,
              "train.device": "cpu" if not torch.cuda.is_available() else None,
              "tracking.tracking_uri": args.tracking_uri, "tracking.experiment": args.experiment,
              "tracking.log_model": args.log_model, "tracking.system_metrics": False}
     extra = [f"data.dataset={args.dataset}"] if args.dataset != "ct" else []
-    return [f"{k}={v}" for k, v in pairs.items() if v is not None] + extra + _model_sets(args.overrides, None if shared_only else model)
+    sets = model_sets(args.overrides, None if shared_only else model)
+    return [f"{k}={v}" for k, v in pairs.items() if v is not None] + extra + sets
 
 
 # --------------------------------------------------------------------------- main
@@ -312,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         return _report(args)
     models, seeds, budgets = _models(args.models), _ints(args.seeds), sorted(set(_ints(args.steps)))
     priors = _priors(args.priors)
-    _check_model_sets(args.overrides, models)
+    check_model_sets(args.overrides, models)
     if not seeds:
         raise PipelineError("--seeds: give at least one seed")
     if not budgets or budgets[0] < 1:
@@ -390,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
                                          device=res.trainer.device)
                 row = {"dataset": data.dataset, "model": label, "seed": seed, **metrics,
                        "steps": cfg.train.steps, "batch_size": cfg.train.batch_size,
-                       "settings": " ".join(_model_sets(args.overrides, model)), "n_eval": len(data.test),
+                       "settings": " ".join(model_sets(args.overrides, model)), "n_eval": len(data.test),
                        "n_samples": data.sample_count,
                        "iwae_k": args.iwae_k if model != "gan" else math.nan,
                        "likelihood": (f"{data.likelihood} (binarised)" if data.likelihood == "bernoulli"

@@ -98,8 +98,8 @@ METRICS: tuple[MetricSpec, ...] = (
 MASK_COLUMNS = {"mask/shape_score": "mask_shape_score", "mask/intensity_w1": "mask_intensity_w1"}
 METRIC_COLUMNS = [m.column for m in METRICS]
 ID_COLUMNS = ["dataset", "model", "seed"]
-INFO_COLUMNS = ["steps", "batch_size", "settings", "n_eval", "n_samples", "mask_share_fake", "mask_share_real", "real_dice",
-                "iwae_k", "agg_posterior_var",
+INFO_COLUMNS = ["steps", "batch_size", "settings", "n_eval", "n_samples", "mask_share_fake", "mask_share_real",
+                "real_dice", "iwae_k", "agg_posterior_var",
                 "likelihood", "recon_units",
                 "feature_net", "run_id", "train_seconds", "train_seconds_cum", "eval_seconds"]
 COLUMNS = ID_COLUMNS + METRIC_COLUMNS + INFO_COLUMNS
