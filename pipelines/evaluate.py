@@ -35,7 +35,7 @@ from pancreas_gvae.data.ct.discovery import LAYOUTS
 from pancreas_gvae.errors import PipelineError, run_cli
 from pancreas_gvae.evaluation.compare import evaluate_model
 from pancreas_gvae.evaluation.heldout import ct_eval_data, mnist_eval_data
-from pancreas_gvae.evaluation.model_sets import check_model_sets, model_sets
+from pancreas_gvae.evaluation.model_sets import check_model_sets, check_resumed_sets, model_sets
 from pancreas_gvae.evaluation.tables import metric_specs, render_markdown, results_frame
 from pancreas_gvae.models.latent_prior import encode_codes, prior_label, with_prior
 from pancreas_gvae.tracking.mlflow_tracker import ends_by_outcome
@@ -285,13 +285,14 @@ def main(argv: list[str] | None = None) -> int:
     models, seeds, budgets = _models(args.models), _ints(args.seeds), sorted(set(_ints(args.steps)))
     priors = _priors(args.priors)
     check_model_sets(args.overrides, models)
+    rows = _finished_rows(args.out / "results.csv")
+    check_resumed_sets(rows, args.overrides, models, args.out / "results.csv")
     if not seeds:
         raise PipelineError("--seeds: give at least one seed")
     if not budgets or budgets[0] < 1:
         raise PipelineError(f"--steps: one or more positive step counts, got {args.steps!r}")
     args.steps = budgets[0]  # the config the data is prepared with; each run gets its own budget below
-    default_cfg = REPO / "configs" / ("ct_64.yaml" if args.dataset == "ct" else "mnist.yaml")
-    config = args.config or default_cfg
+    config = args.config or REPO / "configs" / ("ct_64.yaml" if args.dataset == "ct" else "mnist.yaml")
     base_cfg = load_config(config, _overrides(args, models[0], seeds[0], shared_only=True))
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
@@ -317,7 +318,6 @@ def main(argv: list[str] | None = None) -> int:
         client.log_param(parent_id, k, str(v)[:500])
     print(f"MLflow parent run {parent_id} in {uri} (experiment {args.experiment})")
 
-    rows = _finished_rows(args.out / "results.csv")
     if rows:
         print(f"resuming: {len(rows)} finished row(s) in {args.out / 'results.csv'} are kept, not recomputed")
     with ends_by_outcome(client, parent_id):

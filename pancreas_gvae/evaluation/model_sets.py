@@ -4,6 +4,8 @@ weights share one command, one output folder and one held-out set-up."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pancreas_gvae.errors import PipelineError
 
 
@@ -33,3 +35,20 @@ def check_model_sets(overrides: list[str], models: list[str]) -> None:
         if rest.startswith("data."):
             raise PipelineError(f"--set {item}: the data is shared by every model of a command; set data.* "
                                 "without a model prefix")
+
+
+def check_resumed_sets(rows: list[dict], overrides: list[str], models: list[str], table: Path) -> None:
+    """Refuse to resume an ``--out`` whose rows of a model of this command were made with other ``--set``
+    overrides: a finished row is kept, not recomputed, and the model's checkpoint would train on under a second
+    config, so the table would silently mix two settings (a row without a ``settings`` column, from a table older
+    than it, is not checked)."""
+    for row in rows:
+        model = str(row["model"]).split("@")[0]  # gvae@gmm8: the GVAE's weights under another prior
+        if model not in models or "settings" not in row:
+            continue
+        before = row["settings"] if isinstance(row["settings"], str) else ""  # pandas reads an empty cell as NaN
+        now = " ".join(model_sets(overrides, model))
+        if sorted(before.split()) != sorted(now.split()):
+            raise PipelineError(f"{table}: {row['model']} seed {row['seed']} at {row['steps']} steps was made with "
+                                f"--set {before or '(none)'!r}, this command gives {model} --set {now or '(none)'!r}; "
+                                "finished rows are not recomputed: give the same --set, or a new --out")

@@ -9,7 +9,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pancreas_gvae.config import load_config
+from pancreas_gvae.errors import PipelineError
 from pancreas_gvae.evaluation.compare import COLUMNS, METRICS
+from pancreas_gvae.evaluation.model_sets import check_resumed_sets
 from pancreas_gvae.evaluation.tables import best_per_column, render_markdown, render_runs, summarise
 from pancreas_gvae.pipelines import evaluate
 
@@ -102,6 +104,9 @@ def test_several_budgets_give_a_learning_curve_from_one_training(tmp_path, mnist
     assert "## mnist, 2 steps" in (out / "results.md").read_text()
     # a budget below what a run already trained is refused in one line, not silently mislabelled
     assert evaluate.main([a if a != "2,4" else "3" for a in argv]) != 0
+    # so is another --set for a model with finished rows (they would be kept as if made with it)
+    assert evaluate.main([*argv[:-1], "gvae:loss.feature_recon=8"]) != 0
+    pd.testing.assert_frame_equal(pd.read_csv(out / "results.csv"), frame)
     # --report: results.md and the curves again from results.csv alone (nothing trained), narrowed to two columns
     (out / "results.md").unlink()
     for png in out.glob("curve-*.png"):
@@ -314,6 +319,33 @@ def test_a_model_prefix_outside_the_command_or_on_the_data_is_refused_in_one_lin
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "e").exists()  # refused before anything is written
+
+
+def test_resuming_with_other_sets_is_refused_naming_the_row(tmp_path, capsys):
+    """Finished rows are skipped by (dataset, model, seed, steps): a re-run into the same --out with another --set
+    for one of its models would keep them as if made with it, and train the checkpoint on under a second config."""
+    out = tmp_path / "e"
+    out.mkdir()
+    row = {"dataset": "mnist", "seed": 0, "steps": 2}
+    pd.DataFrame([{**row, "model": "gvae", "settings": "loss.feature_recon=100"},
+                  {**row, "model": "gvae@gmm8", "settings": "loss.feature_recon=100"},
+                  {**row, "model": "gan", "settings": ""}]).to_csv(out / "results.csv", index=False)
+    argv = ["--dataset", "mnist", "--steps", "2", "--out", str(out), "--models"]
+    assert evaluate.main([*argv, "gvae,vae", "--set", "gvae:loss.feature_recon=10"]) != 0
+    err = capsys.readouterr().err
+    assert "gvae seed 0 at 2 steps was made with --set 'loss.feature_recon=100'" in err and "new --out" in err
+    assert "Traceback" not in err
+    assert evaluate.main([*argv, "gan", "--set", "train.lr_g=0.001"]) != 0  # an empty cell is read back as NaN
+    assert "--set '(none)'" in capsys.readouterr().err
+    # the same sets (in any order) and rows of models outside the command pass; a prior's row counts as its model's
+    rows = pd.read_csv(out / "results.csv").to_dict("records")
+    check_resumed_sets(rows, ["gvae:loss.feature_recon=100"], ["gvae", "gan"], out)
+    check_resumed_sets(rows, ["loss.beta_kl=2"], ["vae"], out)
+    check_resumed_sets([{"model": "gvae", "seed": 0, "steps": 2}], ["loss.beta_kl=2"], ["gvae"], out)  # older table
+    two = [{"model": "vae", "seed": 1, "steps": 4, "settings": "loss.beta_kl=2 train.lr_g=0.001"}]
+    check_resumed_sets(two, ["vae:train.lr_g=0.001", "loss.beta_kl=2"], ["vae"], out)
+    with pytest.raises(PipelineError, match="gvae@gmm8 seed 0 at 2 steps"):
+        check_resumed_sets(rows[1:], [], ["gvae"], out)
 
 
 def test_a_stopped_evaluation_ends_its_mlflow_parent_killed_not_failed(tmp_path, mnist_dir, monkeypatch):
