@@ -1,6 +1,7 @@
 """The ``--set [MODEL:]KEY=VALUE`` overrides of a command that trains several models (``pipelines/evaluate.py``):
 an unprefixed override applies to every model, a ``MODEL:`` one to that model only, so models with their own loss
-weights share one command, one output folder and one held-out set-up."""
+weights share one command, one output folder and one held-out set-up; a re-run into that folder must give each of
+its models the overrides its finished rows were made with."""
 
 from __future__ import annotations
 
